@@ -1,0 +1,39 @@
+//! Drives a future to completion on the current thread.
+//!
+//! Used only when a *blocking* follower inherits a cancelled async leader's
+//! work (DESIGN I9). The waker is an [`Event`], so under loom the wait is
+//! modelled like every other wait in the crate.
+
+use std::future::Future;
+use std::pin::pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, Wake, Waker};
+
+use event_listener::{Event, Listener};
+
+struct EventWaker(Event);
+
+impl Wake for EventWaker {
+    fn wake(self: Arc<Self>) {
+        self.0.notify(usize::MAX);
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.0.notify(usize::MAX);
+    }
+}
+
+pub(crate) fn block_on<F: Future>(future: F) -> F::Output {
+    let mut future = pin!(future);
+    let signal = Arc::new(EventWaker(Event::new()));
+    let waker = Waker::from(signal.clone());
+    let mut cx = Context::from_waker(&waker);
+    loop {
+        // Listen before polling: a wake-up during the poll is then not lost.
+        let listener = signal.0.listen();
+        if let Poll::Ready(output) = future.as_mut().poll(&mut cx) {
+            return output;
+        }
+        listener.wait();
+    }
+}

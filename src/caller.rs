@@ -1,0 +1,303 @@
+//! One caller's part in a flight: the driver that runs the work, or a
+//! follower that waits for it. Both are drop guards, so cancellation and
+//! panics are handled wherever the caller's future or thread stops.
+//!
+//! One state machine, two ways to wait: [`Call::resolve_async`] awaits a
+//! listener, [`Call::resolve_blocking`] parks the thread on it; every decision
+//! is made by the same [`Flight`] and [`Driver`] methods.
+
+use std::future::{Future, poll_fn};
+use std::hash::{BuildHasher, Hash};
+use std::task::{Context, Poll};
+
+use event_listener::{EventListener, Listener};
+
+use crate::block_on::block_on;
+use crate::epoch::{Outcome, Role, Versioned};
+use crate::flight::{Finished, Flight, FlightId, Step, WaitKind, Work};
+use crate::single_flight::SingleFlight;
+use crate::sync::Arc;
+
+/// A caller right after it registered with the map (synchronously, at call
+/// time: that is what makes a burst of callers coalesce).
+pub(crate) enum Call<'a, K, T, E, S>
+where
+    K: Hash + Eq + Clone,
+    T: Clone + 'static,
+    E: Clone + 'static,
+    S: BuildHasher,
+{
+    /// A value newer than the caller's epoch exists.
+    Reused(Versioned<T>),
+    /// The caller leads a new flight.
+    Lead(Driver<'a, K, T, E, S>),
+    /// The caller follows a flight in progress.
+    Join(Waiter<'a, K, T, E, S>),
+}
+
+impl<'a, K, T, E, S> Call<'a, K, T, E, S>
+where
+    K: Hash + Eq + Clone,
+    T: Clone + 'static,
+    E: Clone + 'static,
+    S: BuildHasher,
+{
+    pub(crate) async fn resolve_async<F, Fut>(self, f: F) -> Result<Outcome<T>, E>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, E>> + Send + 'static,
+    {
+        let mut waiter = match self {
+            Call::Reused(v) => return Ok(Outcome::new(v.value, v.epoch, Role::Reused)),
+            Call::Lead(mut driver) => {
+                driver.start(f);
+                return with_role(driver.drive().await, Role::Led);
+            }
+            Call::Join(waiter) => waiter,
+        };
+        let mut listener: Option<EventListener> = None;
+        loop {
+            match waiter.step() {
+                Next::Done(result) => return with_role(result, Role::Joined),
+                Next::Adopt(driver) => return with_role(driver.drive().await, Role::Joined),
+                Next::Promote(mut driver) => {
+                    driver.start(f);
+                    return with_role(driver.drive().await, Role::Led);
+                }
+                // Register, look again, and only then sleep: a completion
+                // between the two looks is seen by the second one.
+                Next::Wait => match listener.take() {
+                    None => listener = Some(waiter.flight.event.listen()),
+                    Some(listener) => listener.await,
+                },
+            }
+        }
+    }
+
+    pub(crate) fn resolve_blocking<F>(self, f: F) -> Result<Outcome<T>, E>
+    where
+        F: FnOnce() -> Result<T, E>,
+    {
+        let mut waiter = match self {
+            Call::Reused(v) => return Ok(Outcome::new(v.value, v.epoch, Role::Reused)),
+            Call::Lead(driver) => return with_role(driver.run_blocking(f), Role::Led),
+            Call::Join(waiter) => waiter,
+        };
+        let mut listener: Option<EventListener> = None;
+        loop {
+            match waiter.step() {
+                Next::Done(result) => return with_role(result, Role::Joined),
+                Next::Adopt(driver) => return with_role(driver.drive_blocking(), Role::Joined),
+                Next::Promote(driver) => return with_role(driver.run_blocking(f), Role::Led),
+                Next::Wait => match listener.take() {
+                    None => listener = Some(waiter.flight.event.listen()),
+                    Some(listener) => listener.wait(),
+                },
+            }
+        }
+    }
+}
+
+fn with_role<T, E>(result: Finished<T, E>, role: Role) -> Result<Outcome<T>, E> {
+    result.map(|(value, epoch)| Outcome::new(value, epoch, role))
+}
+
+/// The caller that runs a flight's work: its leader, a follower that adopted
+/// the work of a cancelled driver, or one promoted after a panic.
+///
+/// Dropped before finishing, it hands the flight on (DESIGN I5, I6).
+pub(crate) struct Driver<'a, K, T, E, S>
+where
+    K: Hash + Eq + Clone, T: Clone + 'static, E: Clone + 'static, S: BuildHasher,
+{
+    sf: &'a SingleFlight<K, T, E, S>,
+    key: K,
+    id: FlightId,
+    /// Known when the driver came from a follower. The original leader of a
+    /// solo flight finds the shared flight (if one was created) in the map.
+    flight: Option<Arc<Flight<T, E>>>,
+    work: Option<Work<T, E>>,
+    /// True while user code (the closure or a poll of the work) runs. If the
+    /// driver is dropped with it set, that code panicked.
+    busy: bool,
+    finished: bool,
+}
+
+impl<'a, K, T, E, S> Driver<'a, K, T, E, S>
+where
+    K: Hash + Eq + Clone,
+    T: Clone + 'static,
+    E: Clone + 'static,
+    S: BuildHasher,
+{
+    pub(crate) fn new(
+        sf: &'a SingleFlight<K, T, E, S>,
+        key: K,
+        id: FlightId,
+        flight: Option<Arc<Flight<T, E>>>,
+        work: Option<Work<T, E>>,
+    ) -> Self {
+        Self {
+            sf,
+            key,
+            id,
+            flight,
+            work,
+            busy: false,
+            finished: false,
+        }
+    }
+
+    fn start<F, Fut>(&mut self, f: F)
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, E>> + Send + 'static,
+    {
+        self.busy = true;
+        let work = f();
+        self.busy = false;
+        self.work = Some(Box::pin(work));
+    }
+
+    fn poll_work(&mut self, cx: &mut Context<'_>) -> Poll<Finished<T, E>> {
+        let work = self.work.as_mut().expect("driver polled without work");
+        self.busy = true;
+        let poll = work.as_mut().poll(cx);
+        if poll.is_ready() {
+            // Drop the finished future now, outside every lock.
+            self.work = None;
+        }
+        self.busy = false;
+        poll.map(|result| self.finish(result))
+    }
+
+    async fn drive(mut self) -> Finished<T, E> {
+        poll_fn(|cx| self.poll_work(cx)).await
+    }
+
+    fn drive_blocking(mut self) -> Finished<T, E> {
+        block_on(poll_fn(|cx| self.poll_work(cx)))
+    }
+
+    fn run_blocking<F>(mut self, f: F) -> Finished<T, E>
+    where
+        F: FnOnce() -> Result<T, E>,
+    {
+        self.busy = true;
+        let result = f();
+        self.busy = false;
+        self.finish(result)
+    }
+
+    /// Stores the result (if the map still holds this flight) and publishes
+    /// it to the followers.
+    fn finish(&mut self, result: Result<T, E>) -> Finished<T, E> {
+        self.finished = true;
+        let (finished, flight) = self.sf.complete_flight(&self.key, self.id, result);
+        if let Some(flight) = flight.or_else(|| self.flight.take()) {
+            flight.complete(finished.clone());
+        }
+        finished
+    }
+}
+
+impl<K, T, E, S> Drop for Driver<'_, K, T, E, S>
+where
+    K: Hash + Eq + Clone, T: Clone + 'static, E: Clone + 'static, S: BuildHasher,
+{
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        // Panicked: the work is broken, drop it; a follower starts over.
+        // Cancelled: hand the work, already started, to a follower.
+        let work = self.work.take();
+        let (handed, broken) = if self.busy {
+            (None, work)
+        } else {
+            (work, None)
+        };
+        let leftover = self
+            .sf
+            .abandon_flight(&self.key, self.id, self.flight.take(), handed);
+        // User futures are dropped here, after every lock is released.
+        drop(leftover);
+        drop(broken);
+    }
+}
+
+/// A follower: registered with a flight, waiting for its outcome.
+///
+/// Dropped before resolving, it withdraws (DESIGN I2).
+pub(crate) struct Waiter<'a, K, T, E, S>
+where
+    K: Hash + Eq + Clone, T: Clone + 'static, E: Clone + 'static, S: BuildHasher,
+{
+    sf: &'a SingleFlight<K, T, E, S>,
+    key: Option<K>,
+    flight: Arc<Flight<T, E>>,
+    kind: WaitKind,
+}
+
+enum Next<'a, K, T, E, S>
+where
+    K: Hash + Eq + Clone, T: Clone + 'static, E: Clone + 'static, S: BuildHasher,
+{
+    Wait,
+    Done(Finished<T, E>),
+    Adopt(Driver<'a, K, T, E, S>),
+    Promote(Driver<'a, K, T, E, S>),
+}
+
+impl<'a, K, T, E, S> Waiter<'a, K, T, E, S>
+where
+    K: Hash + Eq + Clone,
+    T: Clone + 'static,
+    E: Clone + 'static,
+    S: BuildHasher,
+{
+    pub(crate) fn new(
+        sf: &'a SingleFlight<K, T, E, S>,
+        key: K,
+        flight: Arc<Flight<T, E>>,
+        kind: WaitKind,
+    ) -> Self {
+        Self {
+            sf,
+            key: Some(key),
+            flight,
+            kind,
+        }
+    }
+
+    fn step(&mut self) -> Next<'a, K, T, E, S> {
+        match self.flight.step(self.kind) {
+            Step::Wait => Next::Wait,
+            Step::Done(result) => {
+                self.key = None;
+                Next::Done(result)
+            }
+            Step::Adopt(work) => Next::Adopt(self.into_driver(Some(work))),
+            Step::Promote => Next::Promote(self.into_driver(None)),
+        }
+    }
+
+    fn into_driver(&mut self, work: Option<Work<T, E>>) -> Driver<'a, K, T, E, S> {
+        let key = self.key.take().expect("a resolved follower stepped again");
+        Driver::new(self.sf, key, self.flight.id, Some(self.flight.clone()), work)
+    }
+}
+
+impl<K, T, E, S> Drop for Waiter<'_, K, T, E, S>
+where
+    K: Hash + Eq + Clone, T: Clone + 'static, E: Clone + 'static, S: BuildHasher,
+{
+    fn drop(&mut self) {
+        // `key` is taken once the follower resolved or became a driver.
+        if let Some(key) = self.key.take() {
+            let leftover = self.sf.leave_flight(&key, &self.flight, self.kind);
+            drop(leftover);
+        }
+    }
+}
+

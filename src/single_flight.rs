@@ -1,0 +1,910 @@
+//! [`SingleFlight`]: the map from key to its latest value, its epoch and the
+//! flight in progress.
+
+use std::borrow::Borrow;
+use std::collections::HashMap;
+use std::collections::hash_map::RandomState;
+use std::convert::Infallible;
+use std::fmt;
+use std::future::Future;
+use std::hash::{BuildHasher, Hash};
+
+use crate::caller::{Call, Driver, Waiter};
+use crate::epoch::{Epoch, Outcome, Versioned};
+use crate::flight::{Finished, Flight, FlightId, Leave, WaitKind, Work};
+use crate::sync::{Arc, Mutex};
+
+/// A map of single flights with epochs: concurrent *and late* callers for a
+/// key share one execution of the work.
+///
+/// For each key it holds at most one flight in progress and the latest
+/// completed value, stamped with an [`Epoch`]. Callers either
+///
+/// - [`run`](Self::run) the work, joining the flight in progress if there is
+///   one (Go's `singleflight.Do`), or
+/// - [`refresh_if_current`](Self::refresh_if_current): run it only if the
+///   epoch they saw is still the latest, and otherwise get the newer value
+///   without running anything. This is what makes a late caller, one that
+///   noticed its value was stale only after someone else refreshed it, cause
+///   no second refresh.
+///
+/// Every operation has a blocking twin for threads (`*_blocking`), and a
+/// fallible `try_*` form whose work returns `Result<T, E>`. The infallible
+/// forms exist when `E` is [`Infallible`], the default.
+///
+/// # Examples
+///
+/// ```
+/// use std::sync::atomic::{AtomicUsize, Ordering};
+/// use epochflight::{Epoch, Role, SingleFlight};
+///
+/// # futures::executor::block_on(async {
+/// let tokens: SingleFlight<&str, String> = SingleFlight::new();
+/// let refreshes = AtomicUsize::new(0);
+/// let refresh = || {
+///     let n = refreshes.fetch_add(1, Ordering::SeqCst) + 1;
+///     async move { format!("token-{n}") }
+/// };
+///
+/// // Get or create.
+/// let first = tokens.refresh_if_current("api", Epoch::NONE, refresh).await;
+/// assert_eq!(first.value, "token-1");
+///
+/// // The token was rejected: refresh it, once.
+/// let second = tokens.refresh_if_current("api", first.epoch, refresh).await;
+/// assert_eq!((second.value.as_str(), second.role), ("token-2", Role::Led));
+///
+/// // A late caller that still holds the first token runs nothing.
+/// let late = tokens.refresh_if_current("api", first.epoch, refresh).await;
+/// assert_eq!((late.value.as_str(), late.role), ("token-2", Role::Reused));
+/// assert_eq!(refreshes.load(Ordering::SeqCst), 2);
+/// # });
+/// ```
+///
+/// # Liveness
+///
+/// Work runs only while a caller polls it: nothing is spawned. A leader whose
+/// future is neither polled nor dropped stalls its followers. A leader that
+/// is dropped hands its work to a follower, which continues it; a leader
+/// whose work panics lets a follower start over with its own closure.
+///
+/// Calls register with the key **when they are made**, not when first
+/// polled: the returned future is the caller's place in the flight. Poll it
+/// (or drop it) promptly.
+///
+/// # Locks and user code
+///
+/// User closures, futures, and drops of `T` and `E` never run while an
+/// internal lock is held, so work may call back into the same `SingleFlight`.
+/// `K`'s `Hash`, `Eq`, `Clone` and `Drop`, the hasher, and `T::clone` and
+/// `E::clone` may run under a lock: keep them cheap and do not call back
+/// into the same `SingleFlight` from them.
+pub struct SingleFlight<K, T, E = Infallible, S = RandomState> {
+    inner: Mutex<Inner<K, T, E, S>>,
+}
+
+struct Inner<K, T, E, S> {
+    slots: HashMap<K, Slot<T, E>, S>,
+    /// Shared flights cut loose from their key by `forget` or `set`, kept
+    /// until their driver finishes so that an original leader (which holds
+    /// only the flight's id) can still find its followers.
+    detached: HashMap<FlightId, Arc<Flight<T, E>>>,
+    last_epoch: u64,
+    last_flight: FlightId,
+}
+
+/// A key's entry. Never left empty: a slot with neither a value nor a flight
+/// is removed (DESIGN I7).
+struct Slot<T, E> {
+    value: Option<Versioned<T>>,
+    flight: Option<FlightRef<T, E>>,
+}
+
+/// A flight in progress, as the map holds it.
+enum FlightRef<T, E> {
+    /// Only the leader: no follower has needed a shared state yet.
+    Solo(FlightId),
+    /// Followers wait on this.
+    Shared(Arc<Flight<T, E>>),
+}
+
+/// Things to drop once the map lock is released (DESIGN I8).
+#[must_use]
+pub(crate) struct Leftovers<K, T, E> {
+    _work: Option<Work<T, E>>,
+    _flight: Option<Arc<Flight<T, E>>>,
+    _slot: Option<(K, Slot<T, E>)>,
+    _value: Option<Versioned<T>>,
+}
+
+impl<K, T, E> Default for Leftovers<K, T, E> {
+    fn default() -> Self {
+        Self {
+            _work: None,
+            _flight: None,
+            _slot: None,
+            _value: None,
+        }
+    }
+}
+
+impl<T, E> FlightRef<T, E> {
+    fn id(&self) -> FlightId {
+        match self {
+            FlightRef::Solo(id) => *id,
+            FlightRef::Shared(flight) => flight.id,
+        }
+    }
+
+    /// The shared state followers wait on, created by the first follower.
+    fn share(&mut self) -> Arc<Flight<T, E>> {
+        if let FlightRef::Solo(id) = *self {
+            *self = FlightRef::Shared(Arc::new(Flight::new(id)));
+        }
+        match self {
+            FlightRef::Shared(flight) => flight.clone(),
+            FlightRef::Solo(_) => unreachable!("made shared above"),
+        }
+    }
+
+    fn shared(&self) -> Option<&Arc<Flight<T, E>>> {
+        match self {
+            FlightRef::Solo(_) => None,
+            FlightRef::Shared(flight) => Some(flight),
+        }
+    }
+}
+
+impl<K, T, E, S> Inner<K, T, E, S>
+where
+    K: Hash + Eq,
+    S: BuildHasher,
+{
+    fn next_epoch(&mut self) -> Epoch {
+        self.last_epoch += 1;
+        Epoch(self.last_epoch)
+    }
+
+    /// Unhooks flight `id` from wherever the map holds it. Returns whether it
+    /// was still `key`'s flight (so its result may be stored) and its shared
+    /// state, if it had one.
+    fn take_flight(&mut self, key: &K, id: FlightId) -> (bool, Option<Arc<Flight<T, E>>>) {
+        if let Some(slot) = self.slots.get_mut(key) {
+            if slot.flight.as_ref().is_some_and(|f| f.id() == id) {
+                let shared = match slot.flight.take() {
+                    Some(FlightRef::Shared(flight)) => Some(flight),
+                    _ => None,
+                };
+                return (true, shared);
+            }
+        }
+        (false, self.detached.remove(&id))
+    }
+
+    /// The shared state of flight `id`, wherever the map holds it.
+    fn find_flight(&self, key: &K, id: FlightId) -> Option<Arc<Flight<T, E>>> {
+        match self.slots.get(key).and_then(|slot| slot.flight.as_ref()) {
+            Some(flight) if flight.id() == id => flight.shared().cloned(),
+            _ => self.detached.get(&id).cloned(),
+        }
+    }
+
+    /// Removes `key`'s slot if it holds nothing any more.
+    fn prune(&mut self, key: &K) -> Option<(K, Slot<T, E>)> {
+        let slot = self.slots.get(key)?;
+        if slot.value.is_none() && slot.flight.is_none() {
+            self.slots.remove_entry(key)
+        } else {
+            None
+        }
+    }
+
+    /// Cuts `slot`'s flight loose from its key: its callers still get its
+    /// result, but the result is not stored.
+    fn detach(detached: &mut HashMap<FlightId, Arc<Flight<T, E>>>, slot: &mut Slot<T, E>) {
+        if let Some(FlightRef::Shared(flight)) = slot.flight.take() {
+            detached.insert(flight.id, flight);
+        }
+    }
+}
+
+impl<K, T, E> SingleFlight<K, T, E, RandomState> {
+    /// Creates an empty `SingleFlight`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use epochflight::SingleFlight;
+    ///
+    /// let flights: SingleFlight<u32, String> = SingleFlight::new();
+    /// assert!(flights.is_empty());
+    /// ```
+    pub fn new() -> Self {
+        Self::with_hasher(RandomState::new())
+    }
+}
+
+impl<K, T, E, S> SingleFlight<K, T, E, S> {
+    /// Creates an empty `SingleFlight` that hashes keys with `hasher`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::collections::hash_map::RandomState;
+    /// use epochflight::SingleFlight;
+    ///
+    /// let flights: SingleFlight<u32, String> = SingleFlight::with_hasher(RandomState::new());
+    /// assert_eq!(flights.len(), 0);
+    /// ```
+    pub fn with_hasher(hasher: S) -> Self {
+        Self {
+            inner: Mutex::new(Inner {
+                slots: HashMap::with_hasher(hasher),
+                detached: HashMap::new(),
+                last_epoch: 0,
+                last_flight: 0,
+            }),
+        }
+    }
+}
+
+impl<K, T, E, S: Default> Default for SingleFlight<K, T, E, S> {
+    fn default() -> Self {
+        Self::with_hasher(S::default())
+    }
+}
+
+impl<K, T, E, S> fmt::Debug for SingleFlight<K, T, E, S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let inner = self.inner.lock();
+        let in_flight = inner.slots.values().filter(|s| s.flight.is_some()).count();
+        f.debug_struct("SingleFlight")
+            .field("keys", &inner.slots.len())
+            .field("in_flight", &in_flight)
+            .field("detached_in_flight", &inner.detached.len())
+            .field("last_epoch", &Epoch(inner.last_epoch))
+            .finish()
+    }
+}
+
+impl<K, T, E, S> SingleFlight<K, T, E, S>
+where
+    K: Hash + Eq + Clone,
+    T: Clone + 'static,
+    E: Clone + 'static,
+    S: BuildHasher,
+{
+    /// Registers a caller: reuse, lead or join. Runs no user code.
+    fn enter(&self, key: K, seen: Option<Epoch>, kind: WaitKind) -> Call<'_, K, T, E, S> {
+        let mut guard = self.inner.lock();
+        let inner = &mut *guard;
+        if let Some(slot) = inner.slots.get_mut(&key) {
+            if let (Some(seen), Some(stored)) = (seen, &slot.value) {
+                if stored.epoch > seen {
+                    return Call::Reused(stored.clone());
+                }
+            }
+            if let Some(flight) = &mut slot.flight {
+                let flight = flight.share();
+                flight.add_waiter(kind);
+                return Call::Join(Waiter::new(self, key, flight, kind));
+            }
+            inner.last_flight += 1;
+            slot.flight = Some(FlightRef::Solo(inner.last_flight));
+        } else {
+            inner.last_flight += 1;
+            let slot = Slot {
+                value: None,
+                flight: Some(FlightRef::Solo(inner.last_flight)),
+            };
+            inner.slots.insert(key.clone(), slot);
+        }
+        Call::Lead(Driver::new(self, key, inner.last_flight, None, None))
+    }
+
+    /// A driver's result: stamps it, stores it if the flight is still the
+    /// key's, and unhooks the flight. Returns the flight's shared state so the
+    /// driver can publish the result to followers.
+    pub(crate) fn complete_flight(
+        &self,
+        key: &K,
+        id: FlightId,
+        result: Result<T, E>,
+    ) -> (Finished<T, E>, Option<Arc<Flight<T, E>>>) {
+        // Clone outside the lock; wasted only if the flight was detached.
+        let mut copy = result.as_ref().ok().cloned();
+        let mut leftovers = Leftovers::default();
+        let mut inner = self.inner.lock();
+        let (attached, flight) = inner.take_flight(key, id);
+        let finished = result.map(|value| (value, inner.next_epoch()));
+        if attached {
+            if let (Ok((_, epoch)), Some(value)) = (&finished, copy.take()) {
+                let slot = inner.slots.get_mut(key).expect("attached flight has a slot");
+                leftovers._value = slot.value.replace(Versioned {
+                    value,
+                    epoch: *epoch,
+                });
+            }
+            leftovers._slot = inner.prune(key);
+        }
+        drop(inner);
+        drop(leftovers);
+        drop(copy);
+        (finished, flight)
+    }
+
+    /// A driver gave up (cancelled or panicked): hand the flight to a
+    /// follower, or free the key if none is left.
+    pub(crate) fn abandon_flight(
+        &self,
+        key: &K,
+        id: FlightId,
+        own: Option<Arc<Flight<T, E>>>,
+        work: Option<Work<T, E>>,
+    ) -> Leftovers<K, T, E> {
+        let mut leftovers = Leftovers::default();
+        let mut inner = self.inner.lock();
+        let flight = inner.find_flight(key, id).or(own);
+        let orphan = match &flight {
+            Some(flight) => flight.hand_off(work),
+            None => Err(work),
+        };
+        if let Err(work) = orphan {
+            leftovers._work = work;
+            leftovers._flight = self.unhook(&mut inner, key, id, &mut leftovers);
+        }
+        drop(inner);
+        drop(flight);
+        leftovers
+    }
+
+    /// A follower left without its result.
+    pub(crate) fn leave_flight(
+        &self,
+        key: &K,
+        flight: &Arc<Flight<T, E>>,
+        kind: WaitKind,
+    ) -> Leftovers<K, T, E> {
+        let mut leftovers = Leftovers::default();
+        let mut inner = self.inner.lock();
+        if let Leave::Abandoned(work) = flight.leave(kind) {
+            leftovers._work = work;
+            leftovers._flight = self.unhook(&mut inner, key, flight.id, &mut leftovers);
+        }
+        drop(inner);
+        leftovers
+    }
+
+    fn unhook(
+        &self,
+        inner: &mut Inner<K, T, E, S>,
+        key: &K,
+        id: FlightId,
+        leftovers: &mut Leftovers<K, T, E>,
+    ) -> Option<Arc<Flight<T, E>>> {
+        let (attached, flight) = inner.take_flight(key, id);
+        if attached {
+            leftovers._slot = inner.prune(key);
+        }
+        flight
+    }
+
+    /// Runs `f` as the flight for `key`, or joins the flight in progress.
+    /// Go's `singleflight.Do`, with a result that may fail.
+    ///
+    /// `Ok` is stored as the key's latest value with a new epoch. `Err` is
+    /// handed (cloned) to this flight's leader and every follower, and
+    /// changes neither the stored value nor the epoch; the next call starts
+    /// a new flight. Nothing is retried.
+    ///
+    /// The caller registers when this method is called; `f` is called on the
+    /// first poll if this caller leads.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future of a follower withdraws it; the flight goes on.
+    /// Dropping the future of the caller that is running the work while
+    /// followers wait hands the work, as it is, to one of them, which
+    /// continues polling it: the work is never restarted. With no follower
+    /// left the work is dropped and the key is free.
+    ///
+    /// # Panics
+    ///
+    /// A panic in `f` or its future propagates to the caller polling it. The
+    /// key is not poisoned: one waiting follower runs its own `f` instead.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use epochflight::{Role, SingleFlight};
+    ///
+    /// # futures::executor::block_on(async {
+    /// let flights: SingleFlight<&str, u32, String> = SingleFlight::new();
+    /// let err = flights.try_run("k", || async { Err("down".to_string()) }).await;
+    /// assert_eq!(err, Err("down".to_string()));
+    /// assert_eq!(flights.current("k"), None); // failures store nothing
+    ///
+    /// let ok = flights.try_run("k", || async { Ok(7) }).await.unwrap();
+    /// assert_eq!((ok.value, ok.role), (7, Role::Led));
+    /// # });
+    /// ```
+    pub fn try_run<F, Fut>(&self, key: K, f: F) -> impl Future<Output = Result<Outcome<T>, E>>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, E>> + Send + 'static,
+    {
+        let call = self.enter(key, None, WaitKind::Async);
+        call.resolve_async(f)
+    }
+
+    /// Runs `f` only if `seen` is still the key's latest epoch; otherwise
+    /// returns the newer value without running anything.
+    ///
+    /// - The stored epoch is newer than `seen`: the stored value is returned
+    ///   at once with [`Role::Reused`](crate::Role::Reused), even while a
+    ///   flight runs.
+    /// - Otherwise (`seen` is current, or newer, or [`Epoch::NONE`] with
+    ///   nothing stored): join the flight in progress, or lead one.
+    ///
+    /// `Epoch::NONE` as `seen` means "get, or create if missing".
+    /// Failures behave as in [`try_run`](Self::try_run).
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`try_run`](Self::try_run): a dropped follower withdraws, a dropped
+    /// driver hands its work to a follower, which continues it.
+    ///
+    /// # Panics
+    ///
+    /// As [`try_run`](Self::try_run).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use epochflight::{Epoch, Role, SingleFlight};
+    ///
+    /// # futures::executor::block_on(async {
+    /// let flights: SingleFlight<(), u32, &str> = SingleFlight::new();
+    /// let v1 = flights.try_refresh_if_current((), Epoch::NONE, || async { Ok(1) }).await?;
+    /// let v2 = flights.try_refresh_if_current((), v1.epoch, || async { Ok(2) }).await?;
+    /// // Someone still holding v1 is handed v2; the closure is not called.
+    /// let late = flights
+    ///     .try_refresh_if_current((), v1.epoch, || async { Err("not called") })
+    ///     .await?;
+    /// assert_eq!((late.value, late.epoch, late.role), (2, v2.epoch, Role::Reused));
+    /// # Ok::<(), &str>(())
+    /// # }).unwrap();
+    /// ```
+    pub fn try_refresh_if_current<F, Fut>(
+        &self,
+        key: K,
+        seen: Epoch,
+        f: F,
+    ) -> impl Future<Output = Result<Outcome<T>, E>>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, E>> + Send + 'static,
+    {
+        let call = self.enter(key, Some(seen), WaitKind::Async);
+        call.resolve_async(f)
+    }
+
+    /// Blocking [`try_run`](Self::try_run): runs `f` on this thread as the
+    /// flight for `key`, or waits for the flight in progress.
+    ///
+    /// # Blocking
+    ///
+    /// Blocks the current thread until the flight completes. Do not call it
+    /// from async code. If this thread inherits the work of a cancelled
+    /// async leader, it polls that future here, on this thread: this works
+    /// for futures that need no runtime reactor (a future doing tokio I/O
+    /// cannot be driven here). Async followers are preferred for that
+    /// hand-off when there are any.
+    ///
+    /// # Panics
+    ///
+    /// A panic in `f` propagates to this caller; one waiting follower runs
+    /// its own closure instead.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use epochflight::SingleFlight;
+    ///
+    /// let flights: SingleFlight<u8, String, std::io::ErrorKind> = SingleFlight::new();
+    /// let out = flights.try_run_blocking(1, || Ok("config".to_string())).unwrap();
+    /// assert_eq!(out.value, "config");
+    /// ```
+    pub fn try_run_blocking<F>(&self, key: K, f: F) -> Result<Outcome<T>, E>
+    where
+        F: FnOnce() -> Result<T, E>,
+    {
+        self.enter(key, None, WaitKind::Blocking).resolve_blocking(f)
+    }
+
+    /// Blocking [`try_refresh_if_current`](Self::try_refresh_if_current).
+    ///
+    /// # Blocking
+    ///
+    /// As [`try_run_blocking`](Self::try_run_blocking). Returns at once when
+    /// a value newer than `seen` is stored.
+    ///
+    /// # Panics
+    ///
+    /// As [`try_run_blocking`](Self::try_run_blocking).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use epochflight::{Epoch, Role, SingleFlight};
+    ///
+    /// let flights: SingleFlight<(), u32, ()> = SingleFlight::new();
+    /// let v1 = flights.try_refresh_if_current_blocking((), Epoch::NONE, || Ok(1)).unwrap();
+    /// let again = flights.try_refresh_if_current_blocking((), Epoch::NONE, || Ok(2)).unwrap();
+    /// assert_eq!((again.value, again.role), (1, Role::Reused));
+    /// # let _ = v1;
+    /// ```
+    pub fn try_refresh_if_current_blocking<F>(
+        &self,
+        key: K,
+        seen: Epoch,
+        f: F,
+    ) -> Result<Outcome<T>, E>
+    where
+        F: FnOnce() -> Result<T, E>,
+    {
+        self.enter(key, Some(seen), WaitKind::Blocking)
+            .resolve_blocking(f)
+    }
+
+    /// The latest completed value for `key` and its epoch, without waiting.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use epochflight::SingleFlight;
+    ///
+    /// let flights: SingleFlight<&str, u32> = SingleFlight::new();
+    /// assert!(flights.current("k").is_none());
+    /// let epoch = flights.set("k", 5);
+    /// let v = flights.current("k").unwrap();
+    /// assert_eq!((v.value, v.epoch), (5, epoch));
+    /// ```
+    pub fn current<Q>(&self, key: &Q) -> Option<Versioned<T>>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        let inner = self.inner.lock();
+        inner.slots.get(key)?.value.clone()
+    }
+
+    /// The latest epoch for `key`, [`Epoch::NONE`] if no value is stored.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use epochflight::{Epoch, SingleFlight};
+    ///
+    /// let flights: SingleFlight<&str, u32> = SingleFlight::new();
+    /// assert_eq!(flights.epoch("k"), Epoch::NONE);
+    /// let e = flights.set("k", 1);
+    /// assert_eq!(flights.epoch("k"), e);
+    /// ```
+    pub fn epoch<Q>(&self, key: &Q) -> Epoch
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        let inner = self.inner.lock();
+        match inner.slots.get(key) {
+            Some(Slot {
+                value: Some(stored),
+                ..
+            }) => stored.epoch,
+            _ => Epoch::NONE,
+        }
+    }
+
+    /// Drops the value stored for `key`. A flight in progress finishes for its
+    /// own callers only, and its result is not stored; callers arriving after
+    /// `forget` start a new flight (Go's `Forget`).
+    ///
+    /// Epochs are never reissued: the next value stored for `key` gets an
+    /// epoch newer than the forgotten one.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use epochflight::{Epoch, SingleFlight};
+    ///
+    /// let flights: SingleFlight<&str, u32> = SingleFlight::new();
+    /// let old = flights.set("k", 1);
+    /// flights.forget("k");
+    /// assert_eq!(flights.epoch("k"), Epoch::NONE);
+    /// assert!(flights.set("k", 2) > old);
+    /// ```
+    pub fn forget<Q>(&self, key: &Q)
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        let mut guard = self.inner.lock();
+        let inner = &mut *guard;
+        let removed = inner.slots.remove(key).map(|mut slot| {
+            Inner::<K, T, E, S>::detach(&mut inner.detached, &mut slot);
+            slot
+        });
+        drop(guard);
+        drop(removed);
+    }
+
+    /// Whether a flight for `key` is in progress.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use epochflight::SingleFlight;
+    ///
+    /// let flights: SingleFlight<&str, u32> = SingleFlight::new();
+    /// let pending = flights.run("k", || async { 1 });
+    /// assert!(flights.is_in_flight("k")); // registered when called
+    /// # futures::executor::block_on(pending);
+    /// assert!(!flights.is_in_flight("k"));
+    /// ```
+    pub fn is_in_flight<Q>(&self, key: &Q) -> bool
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        let inner = self.inner.lock();
+        inner.slots.get(key).is_some_and(|s| s.flight.is_some())
+    }
+
+    /// How many followers wait on `key`'s flight in progress (0 if none).
+    ///
+    /// Useful to release a gate once every expected caller has joined.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use epochflight::SingleFlight;
+    ///
+    /// let flights: SingleFlight<&str, u32> = SingleFlight::new();
+    /// let leader = flights.run("k", || async { 1 });
+    /// let follower = flights.run("k", || async { 2 });
+    /// assert_eq!(flights.waiters("k"), 1);
+    /// drop(follower);
+    /// assert_eq!(flights.waiters("k"), 0);
+    /// # drop(leader);
+    /// ```
+    pub fn waiters<Q>(&self, key: &Q) -> usize
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        let inner = self.inner.lock();
+        inner
+            .slots
+            .get(key)
+            .and_then(|slot| slot.flight.as_ref()?.shared().map(|f| f.waiters()))
+            .unwrap_or(0)
+    }
+
+    /// Stores `value` for `key` directly, with a new epoch, and returns the
+    /// epoch (for example after a login).
+    ///
+    /// A flight in progress is detached as by [`forget`](Self::forget): its
+    /// callers get its result, which is not stored, so it cannot overwrite
+    /// the newer value.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use epochflight::SingleFlight;
+    ///
+    /// let flights: SingleFlight<&str, u32> = SingleFlight::new();
+    /// let e1 = flights.set("k", 1);
+    /// let e2 = flights.set("k", 2);
+    /// assert!(e2 > e1);
+    /// assert_eq!(flights.current("k").unwrap().value, 2);
+    /// ```
+    pub fn set(&self, key: K, value: T) -> Epoch {
+        let mut guard = self.inner.lock();
+        let inner = &mut *guard;
+        let epoch = inner.next_epoch();
+        let stored = Versioned { value, epoch };
+        let replaced = match inner.slots.get_mut(&key) {
+            Some(slot) => {
+                Inner::<K, T, E, S>::detach(&mut inner.detached, slot);
+                slot.value.replace(stored)
+            }
+            None => {
+                let slot = Slot {
+                    value: Some(stored),
+                    flight: None,
+                };
+                inner.slots.insert(key, slot);
+                None
+            }
+        };
+        drop(guard);
+        drop(replaced);
+        epoch
+    }
+
+    /// The number of keys that hold a value or a flight in progress.
+    pub fn len(&self) -> usize {
+        self.inner.lock().slots.len()
+    }
+
+    /// Whether no key holds a value or a flight in progress.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The infallible forms, for work that cannot fail.
+impl<K, T, S> SingleFlight<K, T, Infallible, S>
+where
+    K: Hash + Eq + Clone,
+    T: Clone + 'static,
+    S: BuildHasher,
+{
+    /// Runs `f` as the flight for `key`, or joins the flight in progress
+    /// (Go's `singleflight.Do`). The result is stored as the key's latest
+    /// value with a new epoch.
+    ///
+    /// The caller registers when this method is called; `f` is called on the
+    /// first poll if this caller leads.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future of a follower withdraws it; the flight goes on.
+    /// Dropping the future of the caller that is running the work while
+    /// followers wait hands the work, as it is, to one of them, which
+    /// continues polling it: the work is never restarted. With no follower
+    /// left the work is dropped and the key is free.
+    ///
+    /// # Panics
+    ///
+    /// A panic in `f` or its future propagates to the caller polling it. The
+    /// key is not poisoned: one waiting follower runs its own `f` instead.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use epochflight::{Role, SingleFlight};
+    ///
+    /// # futures::executor::block_on(async {
+    /// let flights: SingleFlight<&str, u32> = SingleFlight::new();
+    /// let leader = flights.run("k", || async { 1 });
+    /// let follower = flights.run("k", || async { 2 }); // joins: its closure never runs
+    /// let (a, b) = futures::join!(leader, follower);
+    /// assert_eq!((a.value, a.role), (1, Role::Led));
+    /// assert_eq!((b.value, b.role, b.epoch), (1, Role::Joined, a.epoch));
+    /// # });
+    /// ```
+    pub fn run<F, Fut>(&self, key: K, f: F) -> impl Future<Output = Outcome<T>>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = T> + Send + 'static,
+    {
+        let call = self.try_run(key, || {
+            let work = f();
+            async move { Ok(work.await) }
+        });
+        async move { unwrap_infallible(call.await) }
+    }
+
+    /// Runs `f` only if `seen` is still the key's latest epoch; otherwise
+    /// returns the newer value with [`Role::Reused`](crate::Role::Reused)
+    /// without running anything. See
+    /// [`try_refresh_if_current`](Self::try_refresh_if_current).
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`run`](Self::run).
+    ///
+    /// # Panics
+    ///
+    /// As [`run`](Self::run).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use epochflight::{Epoch, Role, SingleFlight};
+    ///
+    /// # futures::executor::block_on(async {
+    /// let flights: SingleFlight<(), u32> = SingleFlight::new();
+    /// let first = flights.refresh_if_current((), Epoch::NONE, || async { 1 }).await;
+    /// let stale = first.epoch;
+    /// let fresh = flights.refresh_if_current((), stale, || async { 2 }).await;
+    /// let late = flights.refresh_if_current((), stale, || async { 3 }).await;
+    /// assert_eq!((fresh.value, late.value, late.role), (2, 2, Role::Reused));
+    /// # });
+    /// ```
+    pub fn refresh_if_current<F, Fut>(
+        &self,
+        key: K,
+        seen: Epoch,
+        f: F,
+    ) -> impl Future<Output = Outcome<T>>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = T> + Send + 'static,
+    {
+        let call = self.try_refresh_if_current(key, seen, || {
+            let work = f();
+            async move { Ok(work.await) }
+        });
+        async move { unwrap_infallible(call.await) }
+    }
+
+    /// Blocking [`run`](Self::run).
+    ///
+    /// # Blocking
+    ///
+    /// Blocks the current thread until the flight completes; see
+    /// [`try_run_blocking`](Self::try_run_blocking).
+    ///
+    /// # Panics
+    ///
+    /// A panic in `f` propagates to this caller; one waiting follower runs
+    /// its own closure instead.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use epochflight::SingleFlight;
+    ///
+    /// let flights: SingleFlight<&str, u32> = SingleFlight::new();
+    /// std::thread::scope(|s| {
+    ///     let a = s.spawn(|| flights.run_blocking("k", || 1).value);
+    ///     let b = s.spawn(|| flights.run_blocking("k", || 1).value);
+    ///     assert_eq!((a.join().unwrap(), b.join().unwrap()), (1, 1));
+    /// });
+    /// ```
+    pub fn run_blocking<F>(&self, key: K, f: F) -> Outcome<T>
+    where
+        F: FnOnce() -> T,
+    {
+        unwrap_infallible(self.try_run_blocking(key, || Ok(f())))
+    }
+
+    /// Blocking [`refresh_if_current`](Self::refresh_if_current).
+    ///
+    /// # Blocking
+    ///
+    /// Blocks the current thread until the flight completes; see
+    /// [`try_run_blocking`](Self::try_run_blocking).
+    ///
+    /// # Panics
+    ///
+    /// As [`run_blocking`](Self::run_blocking).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use epochflight::{Epoch, Role, SingleFlight};
+    ///
+    /// let flights: SingleFlight<(), u32> = SingleFlight::new();
+    /// let v = flights.refresh_if_current_blocking((), Epoch::NONE, || 1);
+    /// assert_eq!(v.role, Role::Led);
+    /// let again = flights.refresh_if_current_blocking((), Epoch::NONE, || 2);
+    /// assert_eq!((again.value, again.role), (1, Role::Reused));
+    /// ```
+    pub fn refresh_if_current_blocking<F>(&self, key: K, seen: Epoch, f: F) -> Outcome<T>
+    where
+        F: FnOnce() -> T,
+    {
+        unwrap_infallible(self.try_refresh_if_current_blocking(key, seen, || Ok(f())))
+    }
+}
+
+fn unwrap_infallible<T>(result: Result<T, Infallible>) -> T {
+    match result {
+        Ok(value) => value,
+        Err(never) => match never {},
+    }
+}

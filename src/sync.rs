@@ -1,0 +1,38 @@
+//! The one place that chooses between real and model-checked synchronisation.
+//!
+//! Normal builds use `parking_lot` and `std`. Under `RUSTFLAGS="--cfg loom"`
+//! (with the `loom` feature) the same names resolve to loom's types, so the
+//! loom suite in `loom-tests/` explores every interleaving of the real code.
+//! Raw `parking_lot` under loom would hang: loom cannot see its blocking.
+
+#[cfg(not(loom))]
+pub(crate) use parking_lot::Mutex;
+#[cfg(not(loom))]
+pub(crate) use std::sync::Arc;
+
+#[cfg(loom)]
+pub(crate) use loom::sync::Arc;
+#[cfg(loom)]
+pub(crate) use mocked::Mutex;
+
+#[cfg(loom)]
+mod mocked {
+    /// `loom::sync::Mutex` with `parking_lot`'s poison-free `lock()`, so the
+    /// rest of the crate is written once against one API.
+    #[derive(Debug)]
+    pub(crate) struct Mutex<T>(loom::sync::Mutex<T>);
+
+    pub(crate) type MutexGuard<'a, T> = loom::sync::MutexGuard<'a, T>;
+
+    impl<T> Mutex<T> {
+        pub(crate) fn new(value: T) -> Self {
+            Self(loom::sync::Mutex::new(value))
+        }
+
+        pub(crate) fn lock(&self) -> MutexGuard<'_, T> {
+            // A panic while locked is a bug in this crate (user code never
+            // runs under our locks), so poisoning cannot be observed.
+            self.0.lock().unwrap()
+        }
+    }
+}
