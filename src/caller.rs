@@ -108,7 +108,10 @@ fn with_role<T, E>(result: Finished<T, E>, role: Role) -> Result<Outcome<T>, E> 
 /// Dropped before finishing, it hands the flight on (DESIGN I5, I6).
 pub(crate) struct Driver<'a, K, T, E, S>
 where
-    K: Hash + Eq + Clone, T: Clone + 'static, E: Clone + 'static, S: BuildHasher,
+    K: Hash + Eq + Clone,
+    T: Clone + 'static,
+    E: Clone + 'static,
+    S: BuildHasher,
 {
     sf: &'a SingleFlight<K, T, E, S>,
     key: K,
@@ -203,7 +206,10 @@ where
 
 impl<K, T, E, S> Drop for Driver<'_, K, T, E, S>
 where
-    K: Hash + Eq + Clone, T: Clone + 'static, E: Clone + 'static, S: BuildHasher,
+    K: Hash + Eq + Clone,
+    T: Clone + 'static,
+    E: Clone + 'static,
+    S: BuildHasher,
 {
     fn drop(&mut self) {
         if self.finished {
@@ -231,7 +237,10 @@ where
 /// Dropped before resolving, it withdraws (DESIGN I2).
 pub(crate) struct Waiter<'a, K, T, E, S>
 where
-    K: Hash + Eq + Clone, T: Clone + 'static, E: Clone + 'static, S: BuildHasher,
+    K: Hash + Eq + Clone,
+    T: Clone + 'static,
+    E: Clone + 'static,
+    S: BuildHasher,
 {
     sf: &'a SingleFlight<K, T, E, S>,
     key: Option<K>,
@@ -241,7 +250,10 @@ where
 
 enum Next<'a, K, T, E, S>
 where
-    K: Hash + Eq + Clone, T: Clone + 'static, E: Clone + 'static, S: BuildHasher,
+    K: Hash + Eq + Clone,
+    T: Clone + 'static,
+    E: Clone + 'static,
+    S: BuildHasher,
 {
     Wait,
     Done(Finished<T, E>),
@@ -277,20 +289,29 @@ where
                 self.key = None;
                 Next::Done(result)
             }
-            Step::Adopt(work) => Next::Adopt(self.into_driver(Some(work))),
-            Step::Promote => Next::Promote(self.into_driver(None)),
+            Step::Adopt(work) => Next::Adopt(self.become_driver(Some(work))),
+            Step::Promote => Next::Promote(self.become_driver(None)),
         }
     }
 
-    fn into_driver(&mut self, work: Option<Work<T, E>>) -> Driver<'a, K, T, E, S> {
+    fn become_driver(&mut self, work: Option<Work<T, E>>) -> Driver<'a, K, T, E, S> {
         let key = self.key.take().expect("a resolved follower stepped again");
-        Driver::new(self.sf, key, self.flight.id, Some(self.flight.clone()), work)
+        Driver::new(
+            self.sf,
+            key,
+            self.flight.id,
+            Some(self.flight.clone()),
+            work,
+        )
     }
 }
 
 impl<K, T, E, S> Drop for Waiter<'_, K, T, E, S>
 where
-    K: Hash + Eq + Clone, T: Clone + 'static, E: Clone + 'static, S: BuildHasher,
+    K: Hash + Eq + Clone,
+    T: Clone + 'static,
+    E: Clone + 'static,
+    S: BuildHasher,
 {
     fn drop(&mut self) {
         // `key` is taken once the follower resolved or became a driver.
@@ -300,4 +321,3 @@ where
         }
     }
 }
-

@@ -108,6 +108,9 @@ enum FlightRef<T, E> {
     Shared(Arc<Flight<T, E>>),
 }
 
+/// A flight's state shared with its followers.
+pub(crate) type SharedFlight<T, E> = Arc<Flight<T, E>>;
+
 /// Things to drop once the map lock is released (DESIGN I8).
 #[must_use]
 pub(crate) struct Leftovers<K, T, E> {
@@ -310,7 +313,7 @@ where
         key: &K,
         id: FlightId,
         result: Result<T, E>,
-    ) -> (Finished<T, E>, Option<Arc<Flight<T, E>>>) {
+    ) -> (Finished<T, E>, Option<SharedFlight<T, E>>) {
         // Clone outside the lock; wasted only if the flight was detached.
         let mut copy = result.as_ref().ok().cloned();
         let mut leftovers = Leftovers::default();
@@ -319,7 +322,10 @@ where
         let finished = result.map(|value| (value, inner.next_epoch()));
         if attached {
             if let (Ok((_, epoch)), Some(value)) = (&finished, copy.take()) {
-                let slot = inner.slots.get_mut(key).expect("attached flight has a slot");
+                let slot = inner
+                    .slots
+                    .get_mut(key)
+                    .expect("attached flight has a slot");
                 leftovers._value = slot.value.replace(Versioned {
                     value,
                     epoch: *epoch,
@@ -519,7 +525,8 @@ where
     where
         F: FnOnce() -> Result<T, E>,
     {
-        self.enter(key, None, WaitKind::Blocking).resolve_blocking(f)
+        self.enter(key, None, WaitKind::Blocking)
+            .resolve_blocking(f)
     }
 
     /// Blocking [`try_refresh_if_current`](Self::try_refresh_if_current).

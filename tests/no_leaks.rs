@@ -1,0 +1,75 @@
+//! DESIGN I7: keys with no flight and no value hold no memory. A counting
+//! global allocator measures live bytes; this file holds one test so nothing
+//! else allocates concurrently.
+
+mod common;
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicIsize, Ordering};
+
+use epochflight::SingleFlight;
+
+struct Counting;
+
+static LIVE_BYTES: AtomicIsize = AtomicIsize::new(0);
+
+// The one piece of `unsafe` in the project's tests: a global allocator must
+// implement an unsafe trait. It only forwards to `System` and counts.
+#[allow(unsafe_code)]
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        LIVE_BYTES.fetch_add(layout.size() as isize, Ordering::SeqCst);
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        LIVE_BYTES.fetch_sub(layout.size() as isize, Ordering::SeqCst);
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+fn live() -> isize {
+    LIVE_BYTES.load(Ordering::SeqCst)
+}
+
+#[test]
+fn hundred_thousand_flights_then_forget_leave_no_memory() {
+    common::with_timeout("no_leaks", || {
+        let sf: SingleFlight<String, Vec<u8>, String> = SingleFlight::new();
+        let flight = |i: u64| {
+            // Async flights with a follower (so the shared state is allocated),
+            // then a blocking one, then an error: every path frees its memory.
+            let key = format!("key-{i}");
+            futures::executor::block_on(async {
+                let leader = sf.try_run(key.clone(), || async { Ok(vec![1u8; 64]) });
+                let follower = sf.try_run(key.clone(), || async { Ok(vec![2u8; 64]) });
+                let (a, b) = futures::join!(leader, follower);
+                assert_eq!(a.unwrap().value, b.unwrap().value);
+            });
+            sf.forget(&key);
+            sf.try_run_blocking(key.clone(), || Ok(vec![3u8; 64]))
+                .unwrap();
+            sf.forget(&key);
+            let _ = sf.try_run_blocking(key.clone(), || Err("failed".to_string()));
+            assert!(sf.is_empty(), "key {key} left a slot");
+        };
+        // Warm up: the map's table and thread-locals reach their steady size.
+        for i in 0..100 {
+            flight(i);
+        }
+        let before = live();
+        for i in 100..100_100 {
+            flight(i);
+        }
+        let after = live();
+        assert_eq!(
+            after - before,
+            0,
+            "{} bytes leaked over 100,000 flights",
+            after - before
+        );
+    });
+}
