@@ -6,10 +6,11 @@
 
 use std::future::Future;
 use std::pin::pin;
-use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
 
 use event_listener::{Event, Listener};
+
+use crate::sync::StdArc as Arc;
 
 struct EventWaker(Event);
 

@@ -32,6 +32,7 @@
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
 #![cfg_attr(loom, allow(dead_code, unreachable_pub))]
 
+pub mod auth;
 mod block_on;
 mod caller;
 mod epoch;

@@ -108,6 +108,17 @@ enum FlightRef<T, E> {
     Shared(Arc<Flight<T, E>>),
 }
 
+/// What a caller wants when it registers.
+#[derive(Clone, Copy)]
+enum Mode {
+    /// Join the flight in progress or lead one (`run`).
+    Run,
+    /// Reuse a value newer than `seen`; else join or lead.
+    RefreshIfCurrent(Epoch),
+    /// Join the flight in progress; else reuse the stored value; else lead.
+    Get,
+}
+
 /// A flight's state shared with its followers.
 pub(crate) type SharedFlight<T, E> = Arc<Flight<T, E>>;
 
@@ -278,12 +289,17 @@ where
     S: BuildHasher,
 {
     /// Registers a caller: reuse, lead or join. Runs no user code.
-    fn enter(&self, key: K, seen: Option<Epoch>, kind: WaitKind) -> Call<'_, K, T, E, S> {
+    fn enter(&self, key: K, mode: Mode, kind: WaitKind) -> Call<'_, K, T, E, S> {
         let mut guard = self.inner.lock();
         let inner = &mut *guard;
         if let Some(slot) = inner.slots.get_mut(&key) {
-            if let (Some(seen), Some(stored)) = (seen, &slot.value) {
-                if stored.epoch > seen {
+            if let Some(stored) = &slot.value {
+                let reuse = match mode {
+                    Mode::Run => false,
+                    Mode::RefreshIfCurrent(seen) => stored.epoch > seen,
+                    Mode::Get => slot.flight.is_none(),
+                };
+                if reuse {
                     return Call::Reused(stored.clone());
                 }
             }
@@ -439,7 +455,7 @@ where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<T, E>> + Send + 'static,
     {
-        let call = self.enter(key, None, WaitKind::Async);
+        let call = self.enter(key, Mode::Run, WaitKind::Async);
         call.resolve_async(f)
     }
 
@@ -491,7 +507,7 @@ where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<T, E>> + Send + 'static,
     {
-        let call = self.enter(key, Some(seen), WaitKind::Async);
+        let call = self.enter(key, Mode::RefreshIfCurrent(seen), WaitKind::Async);
         call.resolve_async(f)
     }
 
@@ -525,7 +541,7 @@ where
     where
         F: FnOnce() -> Result<T, E>,
     {
-        self.enter(key, None, WaitKind::Blocking)
+        self.enter(key, Mode::Run, WaitKind::Blocking)
             .resolve_blocking(f)
     }
 
@@ -560,7 +576,78 @@ where
     where
         F: FnOnce() -> Result<T, E>,
     {
-        self.enter(key, Some(seen), WaitKind::Blocking)
+        self.enter(key, Mode::RefreshIfCurrent(seen), WaitKind::Blocking)
+            .resolve_blocking(f)
+    }
+
+    /// The key's value once no flight is in progress: joins the flight in
+    /// progress if there is one, returns the stored value
+    /// ([`Role::Reused`](crate::Role::Reused)) if there is none, and leads `f`
+    /// if there is neither.
+    ///
+    /// This is a *request gate*: while a refresh is in flight, callers wait
+    /// for its result instead of using the value it is replacing.
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`try_run`](Self::try_run).
+    ///
+    /// # Panics
+    ///
+    /// As [`try_run`](Self::try_run).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use epochflight::{Role, SingleFlight};
+    ///
+    /// # futures::executor::block_on(async {
+    /// let flights: SingleFlight<(), u32, ()> = SingleFlight::new();
+    /// let created = flights.try_get((), || async { Ok(1) }).await.unwrap();
+    /// let stored = flights.try_get((), || async { Ok(2) }).await.unwrap();
+    /// assert_eq!((created.role, stored.value, stored.role), (Role::Led, 1, Role::Reused));
+    ///
+    /// // While a refresh is in flight, `try_get` waits for it.
+    /// let refresh = flights.try_run((), || async { Ok(3) });
+    /// let gated = flights.try_get((), || async { Ok(4) });
+    /// let (_, gated) = futures::join!(refresh, gated);
+    /// assert_eq!(gated.unwrap().value, 3);
+    /// # });
+    /// ```
+    pub fn try_get<F, Fut>(&self, key: K, f: F) -> impl Future<Output = Result<Outcome<T>, E>>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, E>> + Send + 'static,
+    {
+        let call = self.enter(key, Mode::Get, WaitKind::Async);
+        call.resolve_async(f)
+    }
+
+    /// Blocking [`try_get`](Self::try_get).
+    ///
+    /// # Blocking
+    ///
+    /// Blocks the current thread while a flight is in progress; see
+    /// [`try_run_blocking`](Self::try_run_blocking).
+    ///
+    /// # Panics
+    ///
+    /// As [`try_run_blocking`](Self::try_run_blocking).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use epochflight::{Role, SingleFlight};
+    ///
+    /// let flights: SingleFlight<(), u32, ()> = SingleFlight::new();
+    /// assert_eq!(flights.try_get_blocking((), || Ok(1)).unwrap().role, Role::Led);
+    /// assert_eq!(flights.try_get_blocking((), || Ok(2)).unwrap().value, 1);
+    /// ```
+    pub fn try_get_blocking<F>(&self, key: K, f: F) -> Result<Outcome<T>, E>
+    where
+        F: FnOnce() -> Result<T, E>,
+    {
+        self.enter(key, Mode::Get, WaitKind::Blocking)
             .resolve_blocking(f)
     }
 
@@ -636,14 +723,22 @@ where
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
+        drop(self.take(key));
+    }
+
+    /// [`forget`](Self::forget), returning the removed value for the caller
+    /// to drop outside its own locks.
+    pub(crate) fn take<Q>(&self, key: &Q) -> Option<Versioned<T>>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
         let mut guard = self.inner.lock();
         let inner = &mut *guard;
-        let removed = inner.slots.remove(key).map(|mut slot| {
-            Inner::<K, T, E, S>::detach(&mut inner.detached, &mut slot);
-            slot
-        });
+        let mut removed = inner.slots.remove(key)?;
+        Inner::<K, T, E, S>::detach(&mut inner.detached, &mut removed);
         drop(guard);
-        drop(removed);
+        removed.value.take()
     }
 
     /// Whether a flight for `key` is in progress.
@@ -717,6 +812,14 @@ where
     /// assert_eq!(flights.current("k").unwrap().value, 2);
     /// ```
     pub fn set(&self, key: K, value: T) -> Epoch {
+        let (epoch, replaced) = self.replace(key, value);
+        drop(replaced);
+        epoch
+    }
+
+    /// [`set`](Self::set), returning the replaced value for the caller to
+    /// drop outside its own locks.
+    pub(crate) fn replace(&self, key: K, value: T) -> (Epoch, Option<Versioned<T>>) {
         let mut guard = self.inner.lock();
         let inner = &mut *guard;
         let epoch = inner.next_epoch();
@@ -736,8 +839,7 @@ where
             }
         };
         drop(guard);
-        drop(replaced);
-        epoch
+        (epoch, replaced)
     }
 
     /// The number of keys that hold a value or a flight in progress.
@@ -906,6 +1008,67 @@ where
         F: FnOnce() -> T,
     {
         unwrap_infallible(self.try_refresh_if_current_blocking(key, seen, || Ok(f())))
+    }
+
+    /// Infallible [`try_get`](Self::try_get): joins the flight in progress,
+    /// else returns the stored value, else leads `f`.
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`run`](Self::run).
+    ///
+    /// # Panics
+    ///
+    /// As [`run`](Self::run).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use epochflight::SingleFlight;
+    ///
+    /// # futures::executor::block_on(async {
+    /// let config: SingleFlight<&str, String> = SingleFlight::new();
+    /// let loaded = config.get("app", || async { "v1".to_string() }).await;
+    /// assert_eq!(config.get("app", || async { "v2".to_string() }).await.value, loaded.value);
+    /// # });
+    /// ```
+    pub fn get<F, Fut>(&self, key: K, f: F) -> impl Future<Output = Outcome<T>>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = T> + Send + 'static,
+    {
+        let call = self.try_get(key, || {
+            let work = f();
+            async move { Ok(work.await) }
+        });
+        async move { unwrap_infallible(call.await) }
+    }
+
+    /// Blocking [`get`](Self::get).
+    ///
+    /// # Blocking
+    ///
+    /// Blocks the current thread while a flight is in progress; see
+    /// [`try_run_blocking`](Self::try_run_blocking).
+    ///
+    /// # Panics
+    ///
+    /// As [`run_blocking`](Self::run_blocking).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use epochflight::SingleFlight;
+    ///
+    /// let config: SingleFlight<&str, u32> = SingleFlight::new();
+    /// assert_eq!(config.get_blocking("app", || 1).value, 1);
+    /// assert_eq!(config.get_blocking("app", || 2).value, 1);
+    /// ```
+    pub fn get_blocking<F>(&self, key: K, f: F) -> Outcome<T>
+    where
+        F: FnOnce() -> T,
+    {
+        unwrap_infallible(self.try_get_blocking(key, || Ok(f())))
     }
 }
 

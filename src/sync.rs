@@ -9,9 +9,13 @@
 pub(crate) use parking_lot::Mutex;
 #[cfg(not(loom))]
 pub(crate) use std::sync::Arc;
+#[cfg(not(loom))]
+pub(crate) use std::sync::atomic::{AtomicU64, Ordering};
 
 #[cfg(loom)]
 pub(crate) use loom::sync::Arc;
+#[cfg(loom)]
+pub(crate) use loom::sync::atomic::{AtomicU64, Ordering};
 #[cfg(loom)]
 pub(crate) use mocked::Mutex;
 
@@ -36,3 +40,7 @@ mod mocked {
         }
     }
 }
+
+/// `std`'s `Arc` in every build: a [`Waker`](std::task::Waker) can only be
+/// made from it. Reference counts are not part of what loom checks here.
+pub(crate) use std::sync::Arc as StdArc;

@@ -1,0 +1,106 @@
+//! What a refresh, and a call through the [`TokenManager`](super::TokenManager),
+//! can fail with.
+
+use std::error::Error;
+use std::fmt;
+
+/// Why a refresh failed, as the [refresher](super::TokenManager::new) reports it.
+///
+/// The distinction decides what happens next:
+///
+/// - [`Rejected`](Self::Rejected): the session is over (OAuth's
+///   `invalid_grant`: the refresh token expired, was revoked, or was already
+///   used). The manager signs out; no further refresh is attempted until
+///   [`sign_in`](super::TokenManager::sign_in).
+/// - [`Transient`](Self::Transient): this attempt failed for a passing reason
+///   (network error, timeout, 5xx). The session is kept; a new attempt is
+///   made only after the [cool-down](super::TokenManager::with_cooldown).
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub enum RefreshError<E> {
+    /// The server refused the refresh: the session is over.
+    Rejected(E),
+    /// The attempt failed; a later one may succeed.
+    Transient(E),
+}
+
+impl<E> RefreshError<E> {
+    /// Whether the session is over.
+    pub fn is_rejected(&self) -> bool {
+        matches!(self, RefreshError::Rejected(_))
+    }
+
+    /// The refresher's own error.
+    pub fn inner(&self) -> &E {
+        match self {
+            RefreshError::Rejected(e) | RefreshError::Transient(e) => e,
+        }
+    }
+
+    /// The refresher's own error, by value.
+    pub fn into_inner(self) -> E {
+        match self {
+            RefreshError::Rejected(e) | RefreshError::Transient(e) => e,
+        }
+    }
+}
+
+impl<E: fmt::Debug> fmt::Debug for RefreshError<E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RefreshError::Rejected(e) => f.debug_tuple("Rejected").field(e).finish(),
+            RefreshError::Transient(e) => f.debug_tuple("Transient").field(e).finish(),
+        }
+    }
+}
+
+impl<E: fmt::Display> fmt::Display for RefreshError<E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RefreshError::Rejected(e) => write!(f, "token refresh rejected, session is over: {e}"),
+            RefreshError::Transient(e) => write!(f, "token refresh failed: {e}"),
+        }
+    }
+}
+
+impl<E: fmt::Debug + fmt::Display> Error for RefreshError<E> {}
+
+/// Why a [`TokenManager`](super::TokenManager) call produced no response.
+#[non_exhaustive]
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub enum AuthError<E> {
+    /// The session is over (a refresh was [rejected](RefreshError::Rejected),
+    /// or [`sign_out`](super::TokenManager::sign_out) was called). Returned at
+    /// once, without any network call, until
+    /// [`sign_in`](super::TokenManager::sign_in).
+    SignedOut,
+    /// The refresh this call needed failed. Every caller waiting on that
+    /// refresh gets the same error; callers arriving within the cool-down
+    /// after a transient failure get it too, without a new attempt.
+    Refresh(RefreshError<E>),
+}
+
+impl<E: fmt::Debug> fmt::Debug for AuthError<E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AuthError::SignedOut => f.write_str("SignedOut"),
+            AuthError::Refresh(e) => f.debug_tuple("Refresh").field(e).finish(),
+        }
+    }
+}
+
+impl<E: fmt::Display> fmt::Display for AuthError<E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AuthError::SignedOut => f.write_str("signed out: sign in again"),
+            AuthError::Refresh(e) => e.fmt(f),
+        }
+    }
+}
+
+impl<E: fmt::Debug + fmt::Display> Error for AuthError<E> {}
+
+impl<E> From<RefreshError<E>> for AuthError<E> {
+    fn from(error: RefreshError<E>) -> Self {
+        AuthError::Refresh(error)
+    }
+}
