@@ -42,3 +42,8 @@ mod sync;
 
 pub use epoch::{Epoch, Outcome, Role, Versioned};
 pub use single_flight::SingleFlight;
+
+/// The README's examples, compiled and run as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
