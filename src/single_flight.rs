@@ -161,6 +161,13 @@ impl<T, E> FlightRef<T, E> {
         }
     }
 
+    fn into_shared(self) -> Option<Arc<Flight<T, E>>> {
+        match self {
+            FlightRef::Solo(_) => None,
+            FlightRef::Shared(flight) => Some(flight),
+        }
+    }
+
     fn shared(&self) -> Option<&Arc<Flight<T, E>>> {
         match self {
             FlightRef::Solo(_) => None,
@@ -185,11 +192,7 @@ where
     fn take_flight(&mut self, key: &K, id: FlightId) -> (bool, Option<Arc<Flight<T, E>>>) {
         if let Some(slot) = self.slots.get_mut(key) {
             if slot.flight.as_ref().is_some_and(|f| f.id() == id) {
-                let shared = match slot.flight.take() {
-                    Some(FlightRef::Shared(flight)) => Some(flight),
-                    _ => None,
-                };
-                return (true, shared);
+                return (true, slot.flight.take().and_then(FlightRef::into_shared));
             }
         }
         (false, self.detached.remove(&id))
@@ -331,27 +334,39 @@ where
         result: Result<T, E>,
     ) -> (Finished<T, E>, Option<SharedFlight<T, E>>) {
         // Clone outside the lock; wasted only if the flight was detached.
-        let mut copy = result.as_ref().ok().cloned();
+        let copy = result.as_ref().ok().cloned();
         let mut leftovers = Leftovers::default();
-        let mut inner = self.inner.lock();
-        let (attached, flight) = inner.take_flight(key, id);
-        let finished = result.map(|value| (value, inner.next_epoch()));
-        if attached {
-            if let (Ok((_, epoch)), Some(value)) = (&finished, copy.take()) {
-                let slot = inner
-                    .slots
-                    .get_mut(key)
-                    .expect("attached flight has a slot");
-                leftovers._value = slot.value.replace(Versioned {
+        let mut guard = self.inner.lock();
+        let inner = &mut *guard;
+        let finished;
+        let flight;
+        match inner.slots.get_mut(key) {
+            // The common case: the flight is still the key's. One lookup.
+            Some(slot) if slot.flight.as_ref().is_some_and(|f| f.id() == id) => {
+                flight = slot.flight.take().and_then(FlightRef::into_shared);
+                inner.last_epoch += 1;
+                let epoch = Epoch(inner.last_epoch);
+                finished = result.map(|value| (value, epoch));
+                match copy {
+                    Some(value) => {
+                        leftovers._value = slot.value.replace(Versioned { value, epoch })
+                    }
+                    None if slot.value.is_none() => leftovers._slot = inner.slots.remove_entry(key),
+                    None => {}
+                }
+            }
+            // Detached by `forget` or `set`: the result is not stored.
+            _ => {
+                flight = inner.detached.remove(&id);
+                finished = result.map(|value| (value, inner.next_epoch()));
+                leftovers._value = copy.map(|value| Versioned {
                     value,
-                    epoch: *epoch,
+                    epoch: Epoch::NONE,
                 });
             }
-            leftovers._slot = inner.prune(key);
         }
-        drop(inner);
+        drop(guard);
         drop(leftovers);
-        drop(copy);
         (finished, flight)
     }
 
