@@ -426,6 +426,9 @@ where
         match self.plan()? {
             Plan::Use(token) => Ok(token),
             Plan::Gate => {
+                // With no token stored the gate may start the first fetch,
+                // which the cool-down after a failed one holds back too.
+                self.check_may_refresh(Epoch::NONE)?;
                 let core = &self.core;
                 let got = core
                     .flights
@@ -456,6 +459,9 @@ where
         match self.plan()? {
             Plan::Use(token) => Ok(token),
             Plan::Gate => {
+                // With no token stored the gate may start the first fetch,
+                // which the cool-down after a failed one holds back too.
+                self.check_may_refresh(Epoch::NONE)?;
                 let core = &self.core;
                 let got = core
                     .flights
@@ -613,6 +619,13 @@ where
         let fresh = self.refresh_if_current_blocking(token.epoch)?;
         self.core.counters.retries.fetch_add(1, Ordering::Relaxed);
         Ok(f(fresh.value))
+    }
+
+    /// Counts a request sent a second time after an unauthorized response,
+    /// for the HTTP integrations, which retry outside [`send`](Self::send).
+    #[cfg(any(feature = "tower", feature = "reqwest"))]
+    pub(crate) fn count_retry(&self) {
+        self.core.counters.retries.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Stores `token` as the current one (after a login) and returns its
@@ -823,7 +836,13 @@ impl<T, E: Clone> Core<T, E> {
             }
             Err(RefreshError::Transient(_)) => {
                 counters.refreshes_failed.fetch_add(1, Ordering::Relaxed);
-                std::mem::replace(&mut session.last_failure, failure)
+                // Like a rejection, a stale failure says nothing about a
+                // newer session: only the current token's refresh cools down.
+                if self.flights.epoch(&()) == base {
+                    std::mem::replace(&mut session.last_failure, failure)
+                } else {
+                    failure
+                }
             }
             Err(RefreshError::Rejected(_)) => {
                 counters.refreshes_rejected.fetch_add(1, Ordering::Relaxed);

@@ -45,8 +45,26 @@
 mod error;
 mod manager;
 
+#[cfg(feature = "http")]
+mod classify;
+#[cfg(feature = "http")]
+mod integration;
+#[cfg(feature = "tower")]
+mod layer;
+#[cfg(feature = "reqwest")]
+mod middleware;
+
 pub use error::{AuthError, RefreshError};
-pub use manager::{AuthStats, TokenManager};
+pub use manager::{AuthStats, DEFAULT_COOLDOWN, TokenManager};
+
+#[cfg(feature = "http")]
+pub use classify::{Verdict, classify, classify_response};
+#[cfg(feature = "http")]
+pub use integration::{Credential, NotReplayed, NotReplayedReason, SkipAuth};
+#[cfg(feature = "tower")]
+pub use layer::{AuthLayer, AuthService, ReplayBody, ResponseFuture, ServiceError};
+#[cfg(feature = "reqwest")]
+pub use middleware::AuthMiddleware;
 
 /// Tells whether a response means "the credential was not accepted" (HTTP
 /// `401`), the signal for [`TokenManager::send`] to refresh and retry once.

@@ -1,0 +1,548 @@
+//! [`AuthLayer`]: `401 → refresh → retry` as tower middleware, for any
+//! [`Service`] over [`http`] requests (hyper-util's client, tonic channels,
+//! `tower::ServiceBuilder` stacks).
+
+use std::borrow::Cow;
+use std::error::Error;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{Request, Response, request, response};
+use http_body_util::combinators::{BoxBody, UnsyncBoxBody};
+use http_body_util::{Either, Empty, Full, StreamBody};
+use tower_layer::Layer;
+use tower_service::Service;
+
+use super::{
+    AuthError, Credential, NotReplayed, NotReplayedReason, SkipAuth, TokenManager, classify,
+};
+
+type AttachFn<T> = dyn Fn(&T, &mut request::Parts) + Send + Sync;
+type ClassifyFn = dyn Fn(&response::Parts) -> bool + Send + Sync;
+
+/// A tower [`Layer`] that authorizes every request with the current token of
+/// a [`TokenManager`], and on an unauthorized response refreshes it (only if
+/// the token used is still the current one) and sends the request once more.
+///
+/// Per request, the [`AuthService`] it builds:
+///
+/// 1. waits at the request gate ([`TokenManager::token`]): while a refresh is
+///    in flight, requests wait for its token instead of going out with the
+///    old one;
+/// 2. attaches the token (by default with [`Credential`]: `Authorization:
+///    Bearer <token>`, or nothing for `T = ()`; or with your function, see
+///    [`with_attach`](Self::with_attach)) and calls the inner service;
+/// 3. if the response is unauthorized (by default [`classify`]: a `401` that
+///    blames the token, never a `403` or an `insufficient_scope`; see
+///    [`with_classifier`](Self::with_classifier)), drops it, calls
+///    [`TokenManager::refresh_if_current`] with the epoch of the token it
+///    used, and sends the request again with the new token **once**. The
+///    response to the replay is returned whatever it is.
+///
+/// A storm of `401`s, late ones included, causes one refresh.
+///
+/// # Replay
+///
+/// - The request is rebuilt from its head as it was before the token was
+///   attached, and a copy of its body taken before the first attempt
+///   ([`ReplayBody`]). A body that cannot be copied (a stream) is sent once:
+///   its unauthorized response is returned as is, with
+///   [`NotReplayed`]`{ reason: `[`BodyNotReplayable`](NotReplayedReason::BodyNotReplayable)` }`
+///   in its extensions (the token is still refreshed first, so sending it
+///   again with a new body uses the new token).
+/// - **Non-idempotent methods are replayed too** (`POST`, `PATCH`, …): a
+///   server that answers `401` rejected the request before acting on it.
+///   If your server acts first and checks the token afterwards, classify its
+///   responses yourself.
+/// - An unauthorized response to the replay is returned with
+///   [`NotReplayed`]`{ reason: `[`AlreadyReplayed`](NotReplayedReason::AlreadyReplayed)` }`.
+///
+/// # The refresher's own request
+///
+/// If the refresher sends its token request through this same layered
+/// service, mark that request with [`SkipAuth`] (in its extensions): an
+/// unmarked one would wait at the request gate for the refresh it belongs to
+/// and never return.
+///
+/// # Errors
+///
+/// The service fails with [`ServiceError::Auth`] when there is no token to
+/// send (signed out, or the refresh failed; see [`TokenManager::token`]),
+/// including the refresh after an unauthorized response (whose response is
+/// then dropped), and with [`ServiceError::Service`] when the inner service
+/// fails.
+///
+/// Available with the `tower` feature.
+///
+/// # Examples
+///
+/// ```
+/// use std::convert::Infallible;
+/// use std::sync::Arc;
+/// use epochflight::auth::{AuthLayer, RefreshError, TokenManager};
+/// use tower::{Layer, ServiceExt};
+///
+/// // Stands in for an HTTP client: accepts only "Bearer fresh".
+/// let client = tower::service_fn(|request: http::Request<String>| async move {
+///     let ok = request.headers()["authorization"] == "Bearer fresh";
+///     let status = if ok { 200 } else { 401 };
+///     Ok::<_, Infallible>(http::Response::builder().status(status).body(()).unwrap())
+/// });
+///
+/// let manager = Arc::new(TokenManager::with_token(
+///     |_stale: Option<String>| async { Ok::<_, RefreshError<String>>("fresh".to_string()) },
+///     "expired".to_string(),
+/// ));
+/// let service = AuthLayer::new(manager.clone()).layer(client);
+///
+/// # futures::executor::block_on(async {
+/// let request = http::Request::post("http://api.example/items").body("{}".to_string()).unwrap();
+/// let response = service.oneshot(request).await.unwrap();
+/// assert_eq!(response.status(), 200);
+/// assert_eq!((manager.stats().refresh_calls, manager.stats().retries), (1, 1));
+/// # });
+/// ```
+pub struct AuthLayer<T, E> {
+    manager: Arc<TokenManager<T, E>>,
+    attach: Arc<AttachFn<T>>,
+    classify: Arc<ClassifyFn>,
+}
+
+impl<T, E> AuthLayer<T, E> {
+    /// A layer that attaches tokens with their [`Credential`] impl
+    /// (`Authorization: Bearer <token>` for strings, nothing for `()`).
+    pub fn new(manager: Arc<TokenManager<T, E>>) -> Self
+    where
+        T: Credential,
+    {
+        Self::with_attach(manager, |token: &T, request: &mut request::Parts| {
+            token.apply(&mut request.headers)
+        })
+    }
+
+    /// A layer that attaches tokens with `attach`, which gets the token and
+    /// the head of the request (before each attempt, so a replay starts from
+    /// the head as the caller built it).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use epochflight::auth::{AuthLayer, TokenManager};
+    ///
+    /// #[derive(Clone)]
+    /// struct ApiKey(String);
+    ///
+    /// let manager: Arc<TokenManager<ApiKey, String>> =
+    ///     Arc::new(TokenManager::new_blocking(|_| Ok(ApiKey("k".into()))));
+    /// let layer = AuthLayer::with_attach(manager, |key: &ApiKey, request: &mut http::request::Parts| {
+    ///     request.headers.insert("x-api-key", key.0.parse().unwrap());
+    /// });
+    /// # let _ = layer;
+    /// ```
+    pub fn with_attach<F>(manager: Arc<TokenManager<T, E>>, attach: F) -> Self
+    where
+        F: Fn(&T, &mut request::Parts) + Send + Sync + 'static,
+    {
+        Self {
+            manager,
+            attach: Arc::new(attach),
+            classify: Arc::new(|head: &response::Parts| {
+                classify(head.status, &head.headers).is_refresh()
+            }),
+        }
+    }
+
+    /// Replaces the test for "unauthorized: refresh and send again", by
+    /// default [`classify`]. It gets the head of each response.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use epochflight::auth::{AuthLayer, TokenManager};
+    ///
+    /// let manager: Arc<TokenManager<String, String>> =
+    ///     Arc::new(TokenManager::new_blocking(|_| Ok("t".into())));
+    /// // This API says "token expired" with a 419.
+    /// let layer = AuthLayer::new(manager).with_classifier(|head| head.status.as_u16() == 419);
+    /// # let _ = layer;
+    /// ```
+    pub fn with_classifier<F>(mut self, classifier: F) -> Self
+    where
+        F: Fn(&response::Parts) -> bool + Send + Sync + 'static,
+    {
+        self.classify = Arc::new(classifier);
+        self
+    }
+
+    /// The token manager.
+    pub fn manager(&self) -> &Arc<TokenManager<T, E>> {
+        &self.manager
+    }
+}
+
+impl<T, E> Clone for AuthLayer<T, E> {
+    fn clone(&self) -> Self {
+        Self {
+            manager: self.manager.clone(),
+            attach: self.attach.clone(),
+            classify: self.classify.clone(),
+        }
+    }
+}
+
+impl<T, E> fmt::Debug for AuthLayer<T, E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AuthLayer").finish_non_exhaustive()
+    }
+}
+
+impl<S, T, E> Layer<S> for AuthLayer<T, E> {
+    type Service = AuthService<S, T, E>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        AuthService {
+            inner,
+            config: Arc::new(self.clone()),
+        }
+    }
+}
+
+/// The [`Service`] an [`AuthLayer`] wraps around an inner service; see
+/// [`AuthLayer`] for what it does.
+///
+/// It follows tower's readiness contract: `poll_ready` is the inner
+/// service's; `call` moves the inner service that was made ready into the
+/// response future (leaving a clone in its place), and polls it ready again
+/// before a replay. The inner service must therefore be [`Clone`] (hyper-util's
+/// client, tonic's channel and `tower::buffer::Buffer` are).
+///
+/// Available with the `tower` feature.
+pub struct AuthService<S, T, E> {
+    inner: S,
+    config: Arc<AuthLayer<T, E>>,
+}
+
+impl<S, T, E> AuthService<S, T, E> {
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// The inner service, unwrapped.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+
+    /// The token manager.
+    pub fn manager(&self) -> &Arc<TokenManager<T, E>> {
+        &self.config.manager
+    }
+}
+
+impl<S: Clone, T, E> Clone for AuthService<S, T, E> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            config: self.config.clone(),
+        }
+    }
+}
+
+impl<S: fmt::Debug, T, E> fmt::Debug for AuthService<S, T, E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AuthService")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, T, E, B, ResBody> Service<Request<B>> for AuthService<S, T, E>
+where
+    S: Service<Request<B>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    B: ReplayBody + Send + 'static,
+    ResBody: Send + 'static,
+    T: Clone + Send + Sync + 'static,
+    E: Clone + Send + Sync + 'static,
+{
+    type Response = Response<ResBody>;
+    type Error = ServiceError<S::Error, E>;
+    type Future = ResponseFuture<Response<ResBody>, ServiceError<S::Error, E>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(ServiceError::Service)
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        if request.extensions().get::<SkipAuth>().is_some() {
+            let response = self.inner.call(request);
+            return ResponseFuture::new(
+                async move { response.await.map_err(ServiceError::Service) },
+            );
+        }
+        // The ready service goes into the future; a clone stays, not ready.
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        ResponseFuture::new(authorized(inner, self.config.clone(), request))
+    }
+}
+
+/// One request through the layer: gate, attach, send, and on an
+/// unauthorized response, epoch-checked refresh and one replay.
+async fn authorized<S, T, E, B, ResBody>(
+    mut inner: S,
+    config: Arc<AuthLayer<T, E>>,
+    request: Request<B>,
+) -> Result<Response<ResBody>, ServiceError<S::Error, E>>
+where
+    S: Service<Request<B>, Response = Response<ResBody>>,
+    B: ReplayBody,
+    T: Clone + Send + Sync + 'static,
+    E: Clone + Send + Sync + 'static,
+{
+    let manager = &config.manager;
+    let token = manager.token().await?;
+    let (head, body) = request.into_parts();
+    let replay = body.try_clone_body().map(|copy| (head.clone(), copy));
+    let first = with_token(&config, &token.value, head, body);
+    // `inner` was made ready by our caller's `poll_ready`.
+    let (mut head, body) = inner
+        .call(first)
+        .await
+        .map_err(ServiceError::Service)?
+        .into_parts();
+    if !(config.classify)(&head) {
+        return Ok(Response::from_parts(head, body));
+    }
+    let Some((request_head, request_body)) = replay else {
+        // Refresh anyway, so that the caller's own retry uses a new token.
+        manager.refresh_if_current(token.epoch).await?;
+        let reason = NotReplayedReason::BodyNotReplayable;
+        head.extensions.insert(NotReplayed::new(reason));
+        return Ok(Response::from_parts(head, body));
+    };
+    // Release the response (and its connection) before waiting.
+    drop((head, body));
+    let fresh = manager.refresh_if_current(token.epoch).await?;
+    manager.count_retry();
+    std::future::poll_fn(|cx| inner.poll_ready(cx))
+        .await
+        .map_err(ServiceError::Service)?;
+    let second = with_token(&config, &fresh.value, request_head, request_body);
+    let (mut head, body) = inner
+        .call(second)
+        .await
+        .map_err(ServiceError::Service)?
+        .into_parts();
+    if (config.classify)(&head) {
+        let reason = NotReplayedReason::AlreadyReplayed;
+        head.extensions.insert(NotReplayed::new(reason));
+    }
+    Ok(Response::from_parts(head, body))
+}
+
+fn with_token<T, E, B>(
+    config: &AuthLayer<T, E>,
+    token: &T,
+    mut head: request::Parts,
+    body: B,
+) -> Request<B> {
+    (config.attach)(token, &mut head);
+    Request::from_parts(head, body)
+}
+
+/// The future of an [`AuthService`] call: the response, or why there is
+/// none.
+///
+/// It is `Send` and `'static` (the service requires its inputs to be).
+///
+/// # Cancel safety
+///
+/// Dropping it drops the request in progress (first attempt or replay), or
+/// withdraws from the request gate or the refresh it waits on, as
+/// [`TokenManager::token`] describes: a refresh another caller waits on is
+/// continued by that caller, not sent twice.
+///
+/// Available with the `tower` feature.
+pub struct ResponseFuture<R, X> {
+    inner: Pin<Box<dyn Future<Output = Result<R, X>> + Send>>,
+}
+
+impl<R, X> ResponseFuture<R, X> {
+    fn new(future: impl Future<Output = Result<R, X>> + Send + 'static) -> Self {
+        Self {
+            inner: Box::pin(future),
+        }
+    }
+}
+
+impl<R, X> Future for ResponseFuture<R, X> {
+    type Output = Result<R, X>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.inner.as_mut().poll(cx)
+    }
+}
+
+impl<R, X> fmt::Debug for ResponseFuture<R, X> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
+
+/// Why an [`AuthService`] call produced no response.
+///
+/// Its `Display` and `source` are those of the error it holds.
+///
+/// Available with the `tower` feature.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ServiceError<S, E> {
+    /// No token to send: signed out, or the refresh failed (see
+    /// [`TokenManager::token`]).
+    Auth(AuthError<E>),
+    /// The inner service failed.
+    Service(S),
+}
+
+impl<S, E> From<AuthError<E>> for ServiceError<S, E> {
+    fn from(error: AuthError<E>) -> Self {
+        ServiceError::Auth(error)
+    }
+}
+
+impl<S: fmt::Display, E: fmt::Display> fmt::Display for ServiceError<S, E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ServiceError::Auth(e) => e.fmt(f),
+            ServiceError::Service(e) => e.fmt(f),
+        }
+    }
+}
+
+impl<S, E> Error for ServiceError<S, E>
+where
+    S: Error + 'static,
+    E: fmt::Debug + fmt::Display + 'static,
+{
+    fn source(&self) -> Option<&(dyn Error + 'static)> {
+        match self {
+            ServiceError::Auth(e) => e.source(),
+            ServiceError::Service(e) => e.source(),
+        }
+    }
+}
+
+/// A request body that can be copied before it is sent, so that the request
+/// can be sent again after a refresh.
+///
+/// Implemented for the buffered bodies ([`Full`], [`Empty`], `String`,
+/// `Vec<u8>`, [`Bytes`], `&'static str`, `&'static [u8]`, `Cow<'static, _>`,
+/// `()`, and [`Either`] of two such), and, returning `None`, for streaming
+/// ones ([`StreamBody`], [`BoxBody`], [`UnsyncBoxBody`]). A request whose
+/// body returns `None` is sent once; see [`NotReplayed`].
+///
+/// Implement it for your own body type. For a foreign body type you cannot
+/// implement it for (hyper's `Incoming`, say), box the body
+/// (`BodyExt::boxed`) to send it without replay, or collect it into a
+/// [`Full`] first.
+///
+/// Available with the `tower` feature.
+///
+/// # Examples
+///
+/// ```
+/// use bytes::Bytes;
+/// use epochflight::auth::ReplayBody;
+///
+/// /// An upload: either in memory, or streamed from disk.
+/// enum Upload { Memory(Bytes), File(std::path::PathBuf) }
+///
+/// impl ReplayBody for Upload {
+///     fn try_clone_body(&self) -> Option<Self> {
+///         match self {
+///             Upload::Memory(bytes) => Some(Upload::Memory(bytes.clone())),
+///             Upload::File(_) => None, // sent once; a 401 comes back as is
+///         }
+///     }
+/// }
+/// # let _ = Upload::File("x".into()).try_clone_body();
+/// ```
+pub trait ReplayBody: Sized {
+    /// A copy of the body, to send again; `None` if it cannot be copied.
+    fn try_clone_body(&self) -> Option<Self>;
+}
+
+macro_rules! replay_by_clone {
+    ($($body:ty),* $(,)?) => {$(
+        impl ReplayBody for $body {
+            fn try_clone_body(&self) -> Option<Self> {
+                Some(self.clone())
+            }
+        }
+    )*};
+}
+
+replay_by_clone!(
+    (),
+    String,
+    Vec<u8>,
+    Bytes,
+    &'static str,
+    &'static [u8],
+    Cow<'static, str>,
+    Cow<'static, [u8]>,
+);
+
+impl<D: Clone> ReplayBody for Full<D> {
+    fn try_clone_body(&self) -> Option<Self> {
+        Some(self.clone())
+    }
+}
+
+impl<D> ReplayBody for Empty<D> {
+    fn try_clone_body(&self) -> Option<Self> {
+        Some(Empty::new())
+    }
+}
+
+impl<L: ReplayBody, R: ReplayBody> ReplayBody for Either<L, R> {
+    fn try_clone_body(&self) -> Option<Self> {
+        match self {
+            Either::Left(body) => body.try_clone_body().map(Either::Left),
+            Either::Right(body) => body.try_clone_body().map(Either::Right),
+        }
+    }
+}
+
+/// Never replayable: a stream is consumed by the first attempt.
+impl<S> ReplayBody for StreamBody<S> {
+    fn try_clone_body(&self) -> Option<Self> {
+        None
+    }
+}
+
+/// Never replayable: what it boxes may be a stream.
+impl<D, X> ReplayBody for BoxBody<D, X> {
+    fn try_clone_body(&self) -> Option<Self> {
+        None
+    }
+}
+
+/// Never replayable: what it boxes may be a stream.
+impl<D, X> ReplayBody for UnsyncBoxBody<D, X> {
+    fn try_clone_body(&self) -> Option<Self> {
+        None
+    }
+}

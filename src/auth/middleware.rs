@@ -1,0 +1,272 @@
+//! [`AuthMiddleware`]: `401 → refresh → retry` as a `reqwest-middleware`
+//! middleware.
+
+use std::fmt;
+use std::sync::Arc;
+
+use http::Extensions;
+use reqwest::{Request, Response};
+use reqwest_middleware::{Middleware, Next};
+
+use super::{
+    Credential, NotReplayed, NotReplayedReason, SkipAuth, TokenManager, Unauthorized, classify,
+};
+
+type AttachFn<T> = dyn Fn(&T, &mut Request) + Send + Sync;
+type ClassifyFn = dyn Fn(&Response) -> bool + Send + Sync;
+
+/// A [`reqwest_middleware::Middleware`] that authorizes every request with
+/// the current token of a [`TokenManager`], and on an unauthorized response
+/// refreshes it (only if the token used is still the current one) and sends
+/// the request once more.
+///
+/// Per request:
+///
+/// 1. waits at the request gate ([`TokenManager::token`]): while a refresh is
+///    in flight, requests wait for its token instead of going out with the
+///    old one;
+/// 2. attaches the token (by default with [`Credential`]: `Authorization:
+///    Bearer <token>`, or nothing for `T = ()`, where the client's cookie
+///    store carries the credential; or with your function, see
+///    [`with_attach`](Self::with_attach)) and runs the rest of the chain;
+/// 3. if the response is unauthorized (by default [`classify`]: a `401` that
+///    blames the token, never a `403` or an `insufficient_scope`; see
+///    [`with_classifier`](Self::with_classifier)), drops it, calls
+///    [`TokenManager::refresh_if_current`] with the epoch of the token it
+///    used, and sends the request again with the new token **once**. The
+///    response to the replay is returned whatever it is.
+///
+/// A storm of `401`s, late ones included, causes one refresh.
+///
+/// # Replay
+///
+/// - The request is copied with [`Request::try_clone`] before the token is
+///   attached. A request whose body is a stream cannot be copied: it is sent
+///   once, and its unauthorized response is returned as is, with
+///   [`NotReplayed`]`{ reason: `[`BodyNotReplayable`](NotReplayedReason::BodyNotReplayable)` }`
+///   in [`Response::extensions`] (the token is still refreshed first, so
+///   sending it again with a new body uses the new token).
+/// - **Non-idempotent methods are replayed too** (`POST`, `PATCH`, …): a
+///   server that answers `401` rejected the request before acting on it.
+///   If your server acts first and checks the token afterwards, classify its
+///   responses yourself.
+/// - An unauthorized response to the replay is returned with
+///   [`NotReplayed`]`{ reason: `[`AlreadyReplayed`](NotReplayedReason::AlreadyReplayed)` }`.
+///
+/// # The refresher's own request
+///
+/// If the refresher sends its token request through the same
+/// `ClientWithMiddleware`, mark it with
+/// `.with_extension(`[`SkipAuth`]`)`: an unmarked one would wait at the
+/// request gate for the refresh it belongs to and never return.
+///
+/// # Errors
+///
+/// When there is no token to send (signed out, or the refresh failed; see
+/// [`TokenManager::token`]), including the refresh after an unauthorized
+/// response (whose response is then dropped), the request fails with
+/// [`reqwest_middleware::Error::Middleware`] holding the
+/// [`AuthError<E>`](super::AuthError): get it back with
+/// `error.downcast_ref::<AuthError<E>>()`.
+///
+/// # Cancel safety
+///
+/// Dropping the request's future drops the request in progress, or
+/// withdraws from the request gate or the refresh it waits on, as
+/// [`TokenManager::token`] describes: a refresh another caller waits on is
+/// continued by that caller, not sent twice.
+///
+/// Available with the `reqwest` feature.
+///
+/// # Examples
+///
+/// ```no_run
+/// use std::sync::Arc;
+/// use epochflight::auth::{AuthMiddleware, RefreshError, SkipAuth, TokenManager};
+/// use reqwest_middleware::{ClientBuilder, ClientWithMiddleware};
+///
+/// # async fn run() -> Result<(), reqwest_middleware::Error> {
+/// let slot: Arc<std::sync::OnceLock<ClientWithMiddleware>> = Default::default();
+/// let refresher_client = slot.clone();
+/// let manager = Arc::new(TokenManager::new(move |_stale: Option<String>| {
+///     let client = refresher_client.get().cloned().expect("client built");
+///     async move {
+///         // The token request goes through the same client: mark it.
+///         let response = client
+///             .post("https://auth.example/token")
+///             .with_extension(SkipAuth)
+///             .send()
+///             .await
+///             .map_err(|e| RefreshError::Transient(e.to_string()))?;
+///         let token = response.text().await.map_err(|e| RefreshError::Transient(e.to_string()))?;
+///         Ok::<_, RefreshError<String>>(token)
+///     }
+/// }));
+/// let client = ClientBuilder::new(reqwest::Client::new())
+///     .with(AuthMiddleware::new(manager))
+///     .build();
+/// let _ = slot.set(client.clone());
+///
+/// let response = client.get("https://api.example/items").send().await?;
+/// println!("{}", response.status());
+/// # Ok(())
+/// # }
+/// ```
+pub struct AuthMiddleware<T, E> {
+    manager: Arc<TokenManager<T, E>>,
+    attach: Arc<AttachFn<T>>,
+    classify: Arc<ClassifyFn>,
+}
+
+impl<T, E> AuthMiddleware<T, E> {
+    /// A middleware that attaches tokens with their [`Credential`] impl
+    /// (`Authorization: Bearer <token>` for strings, nothing for `()`).
+    pub fn new(manager: Arc<TokenManager<T, E>>) -> Self
+    where
+        T: Credential,
+    {
+        Self::with_attach(manager, |token: &T, request: &mut Request| {
+            token.apply(request.headers_mut())
+        })
+    }
+
+    /// A middleware that attaches tokens with `attach`, which gets the token
+    /// and the request (a fresh copy for a replay, as the caller built it).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use epochflight::auth::{AuthMiddleware, TokenManager};
+    ///
+    /// let manager: Arc<TokenManager<String, String>> =
+    ///     Arc::new(TokenManager::new_blocking(|_| Ok("k".into())));
+    /// let middleware = AuthMiddleware::with_attach(manager, |key: &String, request: &mut reqwest::Request| {
+    ///     request.headers_mut().insert("x-api-key", key.parse().unwrap());
+    /// });
+    /// # let _ = middleware;
+    /// ```
+    pub fn with_attach<F>(manager: Arc<TokenManager<T, E>>, attach: F) -> Self
+    where
+        F: Fn(&T, &mut Request) + Send + Sync + 'static,
+    {
+        Self {
+            manager,
+            attach: Arc::new(attach),
+            classify: Arc::new(|response: &Response| {
+                classify(response.status(), response.headers()).is_refresh()
+            }),
+        }
+    }
+
+    /// Replaces the test for "unauthorized: refresh and send again", by
+    /// default [`classify`].
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use epochflight::auth::{AuthMiddleware, TokenManager};
+    ///
+    /// let manager: Arc<TokenManager<String, String>> =
+    ///     Arc::new(TokenManager::new_blocking(|_| Ok("t".into())));
+    /// // This API says "token expired" with a 419.
+    /// let middleware = AuthMiddleware::new(manager)
+    ///     .with_classifier(|response| response.status().as_u16() == 419);
+    /// # let _ = middleware;
+    /// ```
+    pub fn with_classifier<F>(mut self, classifier: F) -> Self
+    where
+        F: Fn(&Response) -> bool + Send + Sync + 'static,
+    {
+        self.classify = Arc::new(classifier);
+        self
+    }
+
+    /// The token manager.
+    pub fn manager(&self) -> &Arc<TokenManager<T, E>> {
+        &self.manager
+    }
+}
+
+impl<T, E> Clone for AuthMiddleware<T, E> {
+    fn clone(&self) -> Self {
+        Self {
+            manager: self.manager.clone(),
+            attach: self.attach.clone(),
+            classify: self.classify.clone(),
+        }
+    }
+}
+
+impl<T, E> fmt::Debug for AuthMiddleware<T, E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AuthMiddleware").finish_non_exhaustive()
+    }
+}
+
+#[async_trait::async_trait]
+impl<T, E> Middleware for AuthMiddleware<T, E>
+where
+    T: Clone + Send + Sync + 'static,
+    E: Clone + Send + Sync + fmt::Debug + fmt::Display + 'static,
+{
+    async fn handle(
+        &self,
+        request: Request,
+        extensions: &mut Extensions,
+        next: Next<'_>,
+    ) -> reqwest_middleware::Result<Response> {
+        if extensions.get::<SkipAuth>().is_some() {
+            return next.run(request, extensions).await;
+        }
+        let auth_error = reqwest_middleware::Error::middleware;
+        let manager = &self.manager;
+        let token = manager.token().await.map_err(auth_error)?;
+        let replay = request.try_clone();
+        let mut first = request;
+        (self.attach)(&token.value, &mut first);
+        let mut response = next.clone().run(first, extensions).await?;
+        if !(self.classify)(&response) {
+            return Ok(response);
+        }
+        let Some(mut second) = replay else {
+            // Refresh anyway, so that the caller's own retry uses a new token.
+            manager
+                .refresh_if_current(token.epoch)
+                .await
+                .map_err(auth_error)?;
+            let reason = NotReplayedReason::BodyNotReplayable;
+            response.extensions_mut().insert(NotReplayed::new(reason));
+            return Ok(response);
+        };
+        // Release the response (and its connection) before waiting.
+        drop(response);
+        let fresh = manager
+            .refresh_if_current(token.epoch)
+            .await
+            .map_err(auth_error)?;
+        manager.count_retry();
+        (self.attach)(&fresh.value, &mut second);
+        let mut response = next.run(second, extensions).await?;
+        if (self.classify)(&response) {
+            let reason = NotReplayedReason::AlreadyReplayed;
+            response.extensions_mut().insert(NotReplayed::new(reason));
+        }
+        Ok(response)
+    }
+}
+
+/// A [`reqwest::Response`] is unauthorized when [`classify`] says
+/// [`Refresh`](super::Verdict::Refresh): a `401` that blames the token, not a
+/// `403` nor an `insufficient_scope` `401`. With the blanket impl for
+/// `Result`, `reqwest::Result<Response>` and
+/// `reqwest_middleware::Result<Response>` work with
+/// [`TokenManager::send`] as they are.
+///
+/// Available with the `reqwest` feature.
+impl Unauthorized for Response {
+    fn is_unauthorized(&self) -> bool {
+        classify(self.status(), self.headers()).is_refresh()
+    }
+}
