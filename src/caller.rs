@@ -2,25 +2,24 @@
 //! follower that waits for it. Both are drop guards, so cancellation and
 //! panics are handled wherever the caller's future or thread stops.
 //!
-//! One state machine, two ways to wait: [`Call::resolve_async`] awaits a
-//! listener, [`Call::resolve_blocking`] parks the thread on it; every decision
-//! is made by the same [`Flight`] and [`Driver`] methods.
+//! One state machine, two ways to wait: [`Waiter::poll_step`] is the
+//! follower's whole logic; async callers poll it from their future
+//! ([`crate::call`]), blocking callers from [`block_on`], and both then hand
+//! the same [`Driver`] the work.
 
-use std::future::{Future, poll_fn};
+use std::future::poll_fn;
 use std::hash::{BuildHasher, Hash};
 use std::task::{Context, Poll};
 
-use event_listener::{EventListener, Listener};
-
 use crate::block_on::block_on;
 use crate::epoch::{Outcome, Role, Versioned};
-use crate::flight::{Finished, Flight, FlightId, Step, WaitKind, Work};
+use crate::flight::{Finished, Flight, FlightId, Registration, Step, WaitKind, Work};
 use crate::single_flight::SingleFlight;
 use crate::sync::Arc;
 
 /// A caller right after it registered with the map (synchronously, at call
 /// time: that is what makes a burst of callers coalesce).
-pub(crate) enum Call<'a, K, T, E, S>
+pub(crate) enum Entry<'a, K, T, E, S>
 where
     K: Hash + Eq + Clone,
     T: Clone + 'static,
@@ -35,70 +34,32 @@ where
     Join(Waiter<'a, K, T, E, S>),
 }
 
-impl<'a, K, T, E, S> Call<'a, K, T, E, S>
+impl<K, T, E, S> Entry<'_, K, T, E, S>
 where
     K: Hash + Eq + Clone,
     T: Clone + 'static,
     E: Clone + 'static,
     S: BuildHasher,
 {
-    pub(crate) async fn resolve_async<F, Fut>(self, f: F) -> Result<Outcome<T>, E>
-    where
-        F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<T, E>> + Send + 'static,
-    {
-        let mut waiter = match self {
-            Call::Reused(v) => return Ok(Outcome::new(v.value, v.epoch, Role::Reused)),
-            Call::Lead(mut driver) => {
-                driver.start(f);
-                return with_role(driver.drive().await, Role::Led);
-            }
-            Call::Join(waiter) => waiter,
-        };
-        let mut listener: Option<EventListener> = None;
-        loop {
-            match waiter.step() {
-                Next::Done(result) => return with_role(result, Role::Joined),
-                Next::Adopt(driver) => return with_role(driver.drive().await, Role::Joined),
-                Next::Promote(mut driver) => {
-                    driver.start(f);
-                    return with_role(driver.drive().await, Role::Led);
-                }
-                // Register, look again, and only then sleep: a completion
-                // between the two looks is seen by the second one.
-                Next::Wait => match listener.take() {
-                    None => listener = Some(waiter.flight.event.listen()),
-                    Some(listener) => listener.await,
-                },
-            }
-        }
-    }
-
+    /// The blocking caller's whole life: lead, or wait and then perhaps drive.
     pub(crate) fn resolve_blocking<F>(self, f: F) -> Result<Outcome<T>, E>
     where
         F: FnOnce() -> Result<T, E>,
     {
         let mut waiter = match self {
-            Call::Reused(v) => return Ok(Outcome::new(v.value, v.epoch, Role::Reused)),
-            Call::Lead(driver) => return with_role(driver.run_blocking(f), Role::Led),
-            Call::Join(waiter) => waiter,
+            Entry::Reused(v) => return Ok(Outcome::new(v.value, v.epoch, Role::Reused)),
+            Entry::Lead(driver) => return with_role(driver.run_blocking(f), Role::Led),
+            Entry::Join(waiter) => waiter,
         };
-        let mut listener: Option<EventListener> = None;
-        loop {
-            match waiter.step() {
-                Next::Done(result) => return with_role(result, Role::Joined),
-                Next::Adopt(driver) => return with_role(driver.drive_blocking(), Role::Joined),
-                Next::Promote(driver) => return with_role(driver.run_blocking(f), Role::Led),
-                Next::Wait => match listener.take() {
-                    None => listener = Some(waiter.flight.event.listen()),
-                    Some(listener) => listener.wait(),
-                },
-            }
+        match block_on(poll_fn(|cx| waiter.poll_step(cx))) {
+            Next::Done(result) => with_role(result, Role::Joined),
+            Next::Adopt(driver) => with_role(driver.drive_blocking(), Role::Joined),
+            Next::Promote(driver) => with_role(driver.run_blocking(f), Role::Led),
         }
     }
 }
 
-fn with_role<T, E>(result: Finished<T, E>, role: Role) -> Result<Outcome<T>, E> {
+pub(crate) fn with_role<T, E>(result: Finished<T, E>, role: Role) -> Result<Outcome<T>, E> {
     result.map(|(value, epoch)| Outcome::new(value, epoch, role))
 }
 
@@ -151,18 +112,15 @@ where
         }
     }
 
-    fn start<F, Fut>(&mut self, f: F)
-    where
-        F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<T, E>> + Send + 'static,
-    {
+    /// Calls the caller's closure to create the work.
+    pub(crate) fn start(&mut self, make_work: impl FnOnce() -> Work<T, E>) {
         self.busy = true;
-        let work = f();
+        let work = make_work();
         self.busy = false;
-        self.work = Some(Box::pin(work));
+        self.work = Some(work);
     }
 
-    fn poll_work(&mut self, cx: &mut Context<'_>) -> Poll<Finished<T, E>> {
+    pub(crate) fn poll_work(&mut self, cx: &mut Context<'_>) -> Poll<Finished<T, E>> {
         let work = self.work.as_mut().expect("driver polled without work");
         self.busy = true;
         let poll = work.as_mut().poll(cx);
@@ -172,10 +130,6 @@ where
         }
         self.busy = false;
         poll.map(|result| self.finish(result))
-    }
-
-    async fn drive(mut self) -> Finished<T, E> {
-        poll_fn(|cx| self.poll_work(cx)).await
     }
 
     fn drive_blocking(mut self) -> Finished<T, E> {
@@ -243,21 +197,26 @@ where
     S: BuildHasher,
 {
     sf: &'a SingleFlight<K, T, E, S>,
+    /// `None` once resolved (or turned into a driver): nothing to withdraw.
     key: Option<K>,
     flight: Arc<Flight<T, E>>,
     kind: WaitKind,
+    registration: Registration,
 }
 
-enum Next<'a, K, T, E, S>
+/// What a follower does once its flight moved on.
+pub(crate) enum Next<'a, K, T, E, S>
 where
     K: Hash + Eq + Clone,
     T: Clone + 'static,
     E: Clone + 'static,
     S: BuildHasher,
 {
-    Wait,
+    /// Return the flight's result.
     Done(Finished<T, E>),
+    /// Continue the orphaned work with this driver.
     Adopt(Driver<'a, K, T, E, S>),
+    /// Start own work with this driver.
     Promote(Driver<'a, K, T, E, S>),
 }
 
@@ -279,30 +238,28 @@ where
             key: Some(key),
             flight,
             kind,
+            registration: Registration::default(),
         }
     }
 
-    fn step(&mut self) -> Next<'a, K, T, E, S> {
-        match self.flight.step(self.kind) {
-            Step::Wait => Next::Wait,
+    /// Looks at the flight; `Pending` with the waker registered if there is
+    /// nothing to do yet.
+    pub(crate) fn poll_step(&mut self, cx: &mut Context<'_>) -> Poll<Next<'a, K, T, E, S>> {
+        let step = self.flight.step(self.kind, cx.waker(), &mut self.registration);
+        Poll::Ready(match step {
+            Step::Wait => return Poll::Pending,
             Step::Done(result) => {
                 self.key = None;
                 Next::Done(result)
             }
             Step::Adopt(work) => Next::Adopt(self.become_driver(Some(work))),
             Step::Promote => Next::Promote(self.become_driver(None)),
-        }
+        })
     }
 
     fn become_driver(&mut self, work: Option<Work<T, E>>) -> Driver<'a, K, T, E, S> {
         let key = self.key.take().expect("a resolved follower stepped again");
-        Driver::new(
-            self.sf,
-            key,
-            self.flight.id,
-            Some(self.flight.clone()),
-            work,
-        )
+        Driver::new(self.sf, key, self.flight.id, Some(self.flight.clone()), work)
     }
 }
 
@@ -314,9 +271,10 @@ where
     S: BuildHasher,
 {
     fn drop(&mut self) {
-        // `key` is taken once the follower resolved or became a driver.
         if let Some(key) = self.key.take() {
-            let leftover = self.sf.leave_flight(&key, &self.flight, self.kind);
+            let leftover = self
+                .sf
+                .leave_flight(&key, &self.flight, self.kind, self.registration);
             drop(leftover);
         }
     }

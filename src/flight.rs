@@ -5,12 +5,16 @@
 //! which is what followers wait on. Every transition happens under the
 //! flight's own lock; whoever needs to unhook a flight from the map takes the
 //! map lock first (lock order: map, then flight).
+//!
+//! Followers wait by leaving their waker in the flight's [`Wakers`], in the
+//! same critical section in which they saw there was nothing to do yet; every
+//! phase change wakes them all. A wake-up cannot be lost between the look and
+//! the registration, and a follower costs no allocation of its own.
 
 use std::future::Future;
 use std::mem;
 use std::pin::Pin;
-
-use event_listener::Event;
+use std::task::Waker;
 
 use crate::epoch::Epoch;
 use crate::sync::Mutex;
@@ -36,8 +40,6 @@ pub(crate) enum WaitKind {
 
 pub(crate) struct Flight<T, E> {
     pub(crate) id: FlightId,
-    /// Notified (all listeners) on every phase change that a follower acts on.
-    pub(crate) event: Event,
     state: Mutex<FlightState<T, E>>,
 }
 
@@ -47,6 +49,7 @@ struct FlightState<T, E> {
     waiters: usize,
     /// How many of `waiters` are async.
     async_waiters: usize,
+    wakers: Wakers,
 }
 
 enum Phase<T, E> {
@@ -64,7 +67,7 @@ enum Phase<T, E> {
 
 /// What a follower should do after looking at its flight.
 pub(crate) enum Step<T, E> {
-    /// Nothing yet: keep waiting.
+    /// Nothing yet: its waker is registered.
     Wait,
     /// The flight finished.
     Done(Finished<T, E>),
@@ -74,24 +77,110 @@ pub(crate) enum Step<T, E> {
     Promote,
 }
 
-/// What a departing follower leaves behind.
-pub(crate) enum Leave<T, E> {
-    /// Others still wait, or the flight is running or done: nothing to do.
-    Stay,
-    /// It was the last follower of a flight nobody drives: the caller must
-    /// unhook the flight from the map and drop this work outside all locks.
-    Abandoned(Option<Work<T, E>>),
+/// What a departing follower leaves behind, to drop once unlocked.
+pub(crate) struct Leave<T, E> {
+    /// Its waker.
+    pub(crate) waker: Option<Waker>,
+    /// `Some` if it was the last follower of a flight nobody drives: the
+    /// caller must unhook the flight from the map and drop this work.
+    pub(crate) abandoned: Option<Option<Work<T, E>>>,
+}
+
+/// A follower's place in [`Wakers`]: valid only in the round it was taken.
+#[derive(Clone, Copy, Default, Debug)]
+pub(crate) struct Registration(Option<(u64, usize)>);
+
+/// The wakers of the followers waiting for the next phase change: a slab, so
+/// a follower that comes and goes during a long flight reuses a slot.
+#[derive(Default)]
+struct Wakers {
+    slots: Vec<WakerSlot>,
+    free: Option<usize>,
+    /// Counts wake-ups; registrations from an earlier round are void.
+    round: u64,
+}
+
+enum WakerSlot {
+    Taken(Waker),
+    Free(Option<usize>),
+}
+
+impl Wakers {
+    /// Leaves `waker` to be woken by the next phase change. Returns a waker
+    /// it replaced, to be dropped once unlocked.
+    fn register(&mut self, waker: &Waker, at: &mut Registration) -> Option<Waker> {
+        if let Registration(Some((round, index))) = *at {
+            if round == self.round {
+                if let WakerSlot::Taken(old) = &mut self.slots[index] {
+                    if old.will_wake(waker) {
+                        return None;
+                    }
+                    return Some(mem::replace(old, waker.clone()));
+                }
+            }
+        }
+        let slot = WakerSlot::Taken(waker.clone());
+        let index = match self.free {
+            Some(index) => {
+                let WakerSlot::Free(next) = mem::replace(&mut self.slots[index], slot) else {
+                    unreachable!("the free list holds free slots only");
+                };
+                self.free = next;
+                index
+            }
+            None => {
+                self.slots.push(slot);
+                self.slots.len() - 1
+            }
+        };
+        *at = Registration(Some((self.round, index)));
+        None
+    }
+
+    fn unregister(&mut self, at: Registration) -> Option<Waker> {
+        let Registration(Some((round, index))) = at else {
+            return None;
+        };
+        if round != self.round {
+            return None;
+        }
+        match mem::replace(&mut self.slots[index], WakerSlot::Free(self.free)) {
+            WakerSlot::Taken(waker) => {
+                self.free = Some(index);
+                Some(waker)
+            }
+            free => {
+                self.slots[index] = free;
+                None
+            }
+        }
+    }
+
+    /// Takes every waker, to be woken once unlocked, and starts a new round.
+    fn take(&mut self) -> Vec<WakerSlot> {
+        self.free = None;
+        self.round += 1;
+        mem::take(&mut self.slots)
+    }
+}
+
+fn wake_all(slots: Vec<WakerSlot>) {
+    for slot in slots {
+        if let WakerSlot::Taken(waker) = slot {
+            waker.wake();
+        }
+    }
 }
 
 impl<T, E> Flight<T, E> {
     pub(crate) fn new(id: FlightId) -> Self {
         Self {
             id,
-            event: Event::new(),
             state: Mutex::new(FlightState {
                 phase: Phase::Running,
                 waiters: 0,
                 async_waiters: 0,
+                wakers: Wakers::default(),
             }),
         }
     }
@@ -111,45 +200,56 @@ impl<T, E> Flight<T, E> {
         self.state.lock().waiters
     }
 
-    /// A follower's look at the flight, after registering and after each
-    /// wake-up. Claims orphaned work or a vacancy for the caller.
-    pub(crate) fn step(&self, kind: WaitKind) -> Step<T, E>
+    /// A follower's look at the flight. Claims orphaned work or a vacancy for
+    /// the caller, or registers `waker` for the next phase change.
+    pub(crate) fn step(&self, kind: WaitKind, waker: &Waker, at: &mut Registration) -> Step<T, E>
     where
         T: Clone,
         E: Clone,
     {
-        let mut state = self.state.lock();
-        match &state.phase {
-            Phase::Running => Step::Wait,
+        let mut guard = self.state.lock();
+        let state = &mut *guard;
+        let step = match &state.phase {
             // T::clone / E::clone under the flight lock: documented; it keeps
             // `SingleFlight` free of `T: Sync` bounds.
-            Phase::Done(result) => Step::Done(result.clone()),
+            Phase::Done(result) => return Step::Done(result.clone()),
+            Phase::Running => Step::Wait,
+            // Leave it to an async follower, which can poll it on its own
+            // runtime. If they all leave, `leave` wakes us again.
             Phase::Orphaned(_) if kind == WaitKind::Blocking && state.async_waiters > 0 => {
-                // Leave it to an async follower, which can poll it on its own
-                // runtime. If they all leave, `leave` wakes us again.
                 Step::Wait
             }
-            Phase::Orphaned(_) => {
-                state.remove(kind);
-                match mem::replace(&mut state.phase, Phase::Running) {
-                    Phase::Orphaned(work) => Step::Adopt(work),
-                    _ => unreachable!("phase checked above"),
-                }
-            }
+            Phase::Orphaned(_) => match mem::replace(&mut state.phase, Phase::Running) {
+                Phase::Orphaned(work) => Step::Adopt(work),
+                _ => unreachable!("phase checked above"),
+            },
             Phase::Vacant => {
-                state.remove(kind);
                 state.phase = Phase::Running;
                 Step::Promote
             }
-        }
+        };
+        let replaced = match step {
+            Step::Wait => state.wakers.register(waker, at),
+            _ => {
+                // This follower drives the flight now: no longer a waiter.
+                state.remove(kind);
+                state.wakers.unregister(*at)
+            }
+        };
+        drop(guard);
+        drop(replaced);
+        step
     }
 
     /// The driver finished: publish the result to every follower.
     pub(crate) fn complete(&self, result: Finished<T, E>) {
-        let replaced = mem::replace(&mut self.state.lock().phase, Phase::Done(result));
+        let mut state = self.state.lock();
+        let replaced = mem::replace(&mut state.phase, Phase::Done(result));
+        let wakers = state.wakers.take();
+        drop(state);
         // Running is all a finished driver can replace; drop it unlocked anyway.
         drop(replaced);
-        self.event.notify(usize::MAX);
+        wake_all(wakers);
     }
 
     /// The driver gives up without a result: cancelled (`work` is `Some`, to
@@ -166,37 +266,45 @@ impl<T, E> Flight<T, E> {
             Some(work) => Phase::Orphaned(work),
             None => Phase::Vacant,
         };
+        let wakers = state.wakers.take();
         drop(state);
         // Every follower looks; the first eligible one claims the flight and
         // the rest go back to waiting. Rare path, so simplicity wins.
-        self.event.notify(usize::MAX);
+        wake_all(wakers);
         Ok(())
     }
 
     /// A follower leaves without a result (its future was dropped). The
     /// caller holds the map lock.
-    pub(crate) fn leave(&self, kind: WaitKind) -> Leave<T, E> {
+    pub(crate) fn leave(&self, kind: WaitKind, at: Registration) -> Leave<T, E> {
         let mut state = self.state.lock();
         if matches!(state.phase, Phase::Done(_)) {
-            return Leave::Stay;
+            return Leave {
+                waker: None,
+                abandoned: None,
+            };
         }
         state.remove(kind);
+        let waker = state.wakers.unregister(at);
+        let mut abandoned = None;
+        let mut wake = Vec::new();
         match &state.phase {
             Phase::Orphaned(_) | Phase::Vacant if state.waiters == 0 => {
-                match mem::replace(&mut state.phase, Phase::Running) {
-                    Phase::Orphaned(work) => Leave::Abandoned(Some(work)),
-                    _ => Leave::Abandoned(None),
-                }
+                abandoned = match mem::replace(&mut state.phase, Phase::Running) {
+                    Phase::Orphaned(work) => Some(Some(work)),
+                    _ => Some(None),
+                };
             }
             Phase::Orphaned(_) if kind == WaitKind::Async && state.async_waiters == 0 => {
                 // The blocking followers were deferring to async ones; there
                 // are none left, so one of them must take the work.
-                drop(state);
-                self.event.notify(usize::MAX);
-                Leave::Stay
+                wake = state.wakers.take();
             }
-            _ => Leave::Stay,
+            _ => {}
         }
+        drop(state);
+        wake_all(wake);
+        Leave { waker, abandoned }
     }
 }
 

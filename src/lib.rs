@@ -34,12 +34,14 @@
 
 pub mod auth;
 mod block_on;
+mod call;
 mod caller;
 mod epoch;
 mod flight;
 mod single_flight;
 mod sync;
 
+pub use call::{Call, TryCall};
 pub use epoch::{Epoch, Outcome, Role, Versioned};
 pub use single_flight::SingleFlight;
 

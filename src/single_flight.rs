@@ -9,9 +9,10 @@ use std::fmt;
 use std::future::Future;
 use std::hash::{BuildHasher, Hash};
 
-use crate::caller::{Call, Driver, Waiter};
+use crate::call::{Call, TryCall};
+use crate::caller::{Driver, Entry, Waiter};
 use crate::epoch::{Epoch, Outcome, Versioned};
-use crate::flight::{Finished, Flight, FlightId, Leave, WaitKind, Work};
+use crate::flight::{Finished, Flight, FlightId, Registration, WaitKind, Work};
 use crate::sync::{Arc, Mutex};
 
 /// A map of single flights with epochs: concurrent *and late* callers for a
@@ -129,6 +130,7 @@ pub(crate) struct Leftovers<K, T, E> {
     _flight: Option<Arc<Flight<T, E>>>,
     _slot: Option<(K, Slot<T, E>)>,
     _value: Option<Versioned<T>>,
+    _waker: Option<std::task::Waker>,
 }
 
 impl<K, T, E> Default for Leftovers<K, T, E> {
@@ -138,6 +140,7 @@ impl<K, T, E> Default for Leftovers<K, T, E> {
             _flight: None,
             _slot: None,
             _value: None,
+            _waker: None,
         }
     }
 }
@@ -292,7 +295,7 @@ where
     S: BuildHasher,
 {
     /// Registers a caller: reuse, lead or join. Runs no user code.
-    fn enter(&self, key: K, mode: Mode, kind: WaitKind) -> Call<'_, K, T, E, S> {
+    fn enter(&self, key: K, mode: Mode, kind: WaitKind) -> Entry<'_, K, T, E, S> {
         let mut guard = self.inner.lock();
         let inner = &mut *guard;
         if let Some(slot) = inner.slots.get_mut(&key) {
@@ -303,13 +306,13 @@ where
                     Mode::Get => slot.flight.is_none(),
                 };
                 if reuse {
-                    return Call::Reused(stored.clone());
+                    return Entry::Reused(stored.clone());
                 }
             }
             if let Some(flight) = &mut slot.flight {
                 let flight = flight.share();
                 flight.add_waiter(kind);
-                return Call::Join(Waiter::new(self, key, flight, kind));
+                return Entry::Join(Waiter::new(self, key, flight, kind));
             }
             inner.last_flight += 1;
             slot.flight = Some(FlightRef::Solo(inner.last_flight));
@@ -321,7 +324,7 @@ where
             };
             inner.slots.insert(key.clone(), slot);
         }
-        Call::Lead(Driver::new(self, key, inner.last_flight, None, None))
+        Entry::Lead(Driver::new(self, key, inner.last_flight, None, None))
     }
 
     /// A driver's result: stamps it, stores it if the flight is still the
@@ -401,10 +404,13 @@ where
         key: &K,
         flight: &Arc<Flight<T, E>>,
         kind: WaitKind,
+        registration: Registration,
     ) -> Leftovers<K, T, E> {
         let mut leftovers = Leftovers::default();
         let mut inner = self.inner.lock();
-        if let Leave::Abandoned(work) = flight.leave(kind) {
+        let left = flight.leave(kind, registration);
+        leftovers._waker = left.waker;
+        if let Some(work) = left.abandoned {
             leftovers._work = work;
             leftovers._flight = self.unhook(&mut inner, key, flight.id, &mut leftovers);
         }
@@ -465,13 +471,12 @@ where
     /// assert_eq!((ok.value, ok.role), (7, Role::Led));
     /// # });
     /// ```
-    pub fn try_run<F, Fut>(&self, key: K, f: F) -> impl Future<Output = Result<Outcome<T>, E>>
+    pub fn try_run<F, Fut>(&self, key: K, f: F) -> TryCall<'_, K, T, E, S, F>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<T, E>> + Send + 'static,
     {
-        let call = self.enter(key, Mode::Run, WaitKind::Async);
-        call.resolve_async(f)
+        TryCall::new(self.enter(key, Mode::Run, WaitKind::Async), f)
     }
 
     /// Runs `f` only if `seen` is still the key's latest epoch; otherwise
@@ -517,13 +522,12 @@ where
         key: K,
         seen: Epoch,
         f: F,
-    ) -> impl Future<Output = Result<Outcome<T>, E>>
+    ) -> TryCall<'_, K, T, E, S, F>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<T, E>> + Send + 'static,
     {
-        let call = self.enter(key, Mode::RefreshIfCurrent(seen), WaitKind::Async);
-        call.resolve_async(f)
+        TryCall::new(self.enter(key, Mode::RefreshIfCurrent(seen), WaitKind::Async), f)
     }
 
     /// Blocking [`try_run`](Self::try_run): runs `f` on this thread as the
@@ -629,13 +633,12 @@ where
     /// assert_eq!(gated.unwrap().value, 3);
     /// # });
     /// ```
-    pub fn try_get<F, Fut>(&self, key: K, f: F) -> impl Future<Output = Result<Outcome<T>, E>>
+    pub fn try_get<F, Fut>(&self, key: K, f: F) -> TryCall<'_, K, T, E, S, F>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<T, E>> + Send + 'static,
     {
-        let call = self.enter(key, Mode::Get, WaitKind::Async);
-        call.resolve_async(f)
+        TryCall::new(self.enter(key, Mode::Get, WaitKind::Async), f)
     }
 
     /// Blocking [`try_get`](Self::try_get).
@@ -909,16 +912,12 @@ where
     /// assert_eq!((b.value, b.role, b.epoch), (1, Role::Joined, a.epoch));
     /// # });
     /// ```
-    pub fn run<F, Fut>(&self, key: K, f: F) -> impl Future<Output = Outcome<T>>
+    pub fn run<F, Fut>(&self, key: K, f: F) -> Call<'_, K, T, S, F>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = T> + Send + 'static,
     {
-        let call = self.try_run(key, || {
-            let work = f();
-            async move { Ok(work.await) }
-        });
-        async move { unwrap_infallible(call.await) }
+        Call::new(self.enter(key, Mode::Run, WaitKind::Async), f)
     }
 
     /// Runs `f` only if `seen` is still the key's latest epoch; otherwise
@@ -953,16 +952,12 @@ where
         key: K,
         seen: Epoch,
         f: F,
-    ) -> impl Future<Output = Outcome<T>>
+    ) -> Call<'_, K, T, S, F>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = T> + Send + 'static,
     {
-        let call = self.try_refresh_if_current(key, seen, || {
-            let work = f();
-            async move { Ok(work.await) }
-        });
-        async move { unwrap_infallible(call.await) }
+        Call::new(self.enter(key, Mode::RefreshIfCurrent(seen), WaitKind::Async), f)
     }
 
     /// Blocking [`run`](Self::run).
@@ -1047,16 +1042,12 @@ where
     /// assert_eq!(config.get("app", || async { "v2".to_string() }).await.value, loaded.value);
     /// # });
     /// ```
-    pub fn get<F, Fut>(&self, key: K, f: F) -> impl Future<Output = Outcome<T>>
+    pub fn get<F, Fut>(&self, key: K, f: F) -> Call<'_, K, T, S, F>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = T> + Send + 'static,
     {
-        let call = self.try_get(key, || {
-            let work = f();
-            async move { Ok(work.await) }
-        });
-        async move { unwrap_infallible(call.await) }
+        Call::new(self.enter(key, Mode::Get, WaitKind::Async), f)
     }
 
     /// Blocking [`get`](Self::get).

@@ -1,0 +1,279 @@
+//! The futures returned by [`SingleFlight`](crate::SingleFlight)'s async
+//! operations: one small, hand-written state machine, so a caller's future
+//! stays a few words in size whatever role it ends up playing.
+
+use std::convert::Infallible;
+use std::fmt;
+use std::future::Future;
+use std::hash::{BuildHasher, Hash};
+use std::mem;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use crate::caller::{Driver, Entry, Next, Waiter, with_role};
+use crate::epoch::{Outcome, Role, Versioned};
+use crate::flight::Work;
+
+/// Makes a caller's work, if it ends up running it.
+pub(crate) trait MakeWork<T, E> {
+    fn make(self) -> Work<T, E>;
+}
+
+/// Work from a closure whose future returns `Result<T, E>`.
+pub(crate) struct Fallible<F>(pub(crate) F);
+
+/// Work from a closure whose future returns `T`.
+pub(crate) struct Infallibly<F>(pub(crate) F);
+
+impl<T, E, F, Fut> MakeWork<T, E> for Fallible<F>
+where
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = Result<T, E>> + Send + 'static,
+{
+    fn make(self) -> Work<T, E> {
+        Box::pin((self.0)())
+    }
+}
+
+impl<T, F, Fut> MakeWork<T, Infallible> for Infallibly<F>
+where
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = T> + Send + 'static,
+{
+    fn make(self) -> Work<T, Infallible> {
+        let work = (self.0)();
+        Box::pin(async move { Ok(work.await) })
+    }
+}
+
+enum State<'a, K, T, E, S, W>
+where
+    K: Hash + Eq + Clone,
+    T: Clone + 'static,
+    E: Clone + 'static,
+    S: BuildHasher,
+{
+    Reused(Versioned<T>),
+    /// Leads; the work is made on the first poll.
+    Lead(Driver<'a, K, T, E, S>, W),
+    /// Follows; keeps its own closure in case it is promoted.
+    Join(Waiter<'a, K, T, E, S>, W),
+    /// Runs the flight's work, in this role.
+    Drive(Driver<'a, K, T, E, S>, Role),
+    Finished,
+}
+
+impl<'a, K, T, E, S, W> State<'a, K, T, E, S, W>
+where
+    K: Hash + Eq + Clone,
+    T: Clone + 'static,
+    E: Clone + 'static,
+    S: BuildHasher,
+    W: MakeWork<T, E>,
+{
+    fn new(entry: Entry<'a, K, T, E, S>, make: W) -> Self {
+        match entry {
+            Entry::Reused(value) => State::Reused(value),
+            Entry::Lead(driver) => State::Lead(driver, make),
+            Entry::Join(waiter) => State::Join(waiter, make),
+        }
+    }
+
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Result<Outcome<T>, E>> {
+        loop {
+            // Each arm either returns or leaves the next state. A panic in
+            // user code drops the driver or waiter held here, which hands the
+            // flight on.
+            match mem::replace(self, State::Finished) {
+                State::Reused(v) => return Poll::Ready(Ok(Outcome::new(v.value, v.epoch, Role::Reused))),
+                State::Lead(mut driver, make) => {
+                    driver.start(|| make.make());
+                    *self = State::Drive(driver, Role::Led);
+                }
+                State::Join(mut waiter, make) => match waiter.poll_step(cx) {
+                    Poll::Pending => {
+                        *self = State::Join(waiter, make);
+                        return Poll::Pending;
+                    }
+                    Poll::Ready(Next::Done(result)) => return Poll::Ready(with_role(result, Role::Joined)),
+                    Poll::Ready(Next::Adopt(driver)) => *self = State::Drive(driver, Role::Joined),
+                    Poll::Ready(Next::Promote(mut driver)) => {
+                        driver.start(|| make.make());
+                        *self = State::Drive(driver, Role::Led);
+                    }
+                },
+                State::Drive(mut driver, role) => match driver.poll_work(cx) {
+                    Poll::Pending => {
+                        *self = State::Drive(driver, role);
+                        return Poll::Pending;
+                    }
+                    Poll::Ready(result) => return Poll::Ready(with_role(result, role)),
+                },
+                State::Finished => panic!("an epochflight call was polled after it completed"),
+            }
+        }
+    }
+}
+
+impl<K, T, E, S, W> State<'_, K, T, E, S, W>
+where
+    K: Hash + Eq + Clone,
+    T: Clone + 'static,
+    E: Clone + 'static,
+    S: BuildHasher,
+{
+    fn name(&self) -> &'static str {
+        match self {
+            State::Reused(_) => "Reused",
+            State::Lead(..) => "Lead",
+            State::Join(..) => "Join",
+            State::Drive(_, Role::Led) => "Lead",
+            State::Drive(..) => "Drive",
+            State::Finished => "Finished",
+        }
+    }
+}
+
+/// The future of a fallible call:
+/// [`try_run`](crate::SingleFlight::try_run),
+/// [`try_refresh_if_current`](crate::SingleFlight::try_refresh_if_current),
+/// [`try_get`](crate::SingleFlight::try_get).
+///
+/// The caller registered with its key when the call was made; this future is
+/// its place in the flight. Dropping it withdraws the caller (see the
+/// methods' `# Cancel safety`).
+#[must_use = "the call is registered with its key; poll it, or drop it to withdraw"]
+pub struct TryCall<'a, K, T, E, S, F>
+where
+    K: Hash + Eq + Clone,
+    T: Clone + 'static,
+    E: Clone + 'static,
+    S: BuildHasher,
+{
+    state: State<'a, K, T, E, S, Fallible<F>>,
+}
+
+impl<'a, K, T, E, S, F, Fut> TryCall<'a, K, T, E, S, F>
+where
+    K: Hash + Eq + Clone,
+    T: Clone + 'static,
+    E: Clone + 'static,
+    S: BuildHasher,
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = Result<T, E>> + Send + 'static,
+{
+    pub(crate) fn new(entry: Entry<'a, K, T, E, S>, f: F) -> Self {
+        Self {
+            state: State::new(entry, Fallible(f)),
+        }
+    }
+}
+
+impl<K, T, E, S, F, Fut> Future for TryCall<'_, K, T, E, S, F>
+where
+    K: Hash + Eq + Clone,
+    T: Clone + 'static,
+    E: Clone + 'static,
+    S: BuildHasher,
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = Result<T, E>> + Send + 'static,
+{
+    type Output = Result<Outcome<T>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.get_mut().state.poll(cx)
+    }
+}
+
+// Nothing in a call is ever pinned in place: the work is boxed.
+impl<K, T, E, S, F> Unpin for TryCall<'_, K, T, E, S, F>
+where
+    K: Hash + Eq + Clone,
+    T: Clone + 'static,
+    E: Clone + 'static,
+    S: BuildHasher,
+{
+}
+
+impl<K, T, E, S, F> fmt::Debug for TryCall<'_, K, T, E, S, F>
+where
+    K: Hash + Eq + Clone,
+    T: Clone + 'static,
+    E: Clone + 'static,
+    S: BuildHasher,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TryCall").field("state", &self.state.name()).finish()
+    }
+}
+
+/// The future of an infallible call:
+/// [`run`](crate::SingleFlight::run),
+/// [`refresh_if_current`](crate::SingleFlight::refresh_if_current),
+/// [`get`](crate::SingleFlight::get).
+///
+/// The caller registered with its key when the call was made; this future is
+/// its place in the flight. Dropping it withdraws the caller (see the
+/// methods' `# Cancel safety`).
+#[must_use = "the call is registered with its key; poll it, or drop it to withdraw"]
+pub struct Call<'a, K, T, S, F>
+where
+    K: Hash + Eq + Clone,
+    T: Clone + 'static,
+    S: BuildHasher,
+{
+    state: State<'a, K, T, Infallible, S, Infallibly<F>>,
+}
+
+impl<'a, K, T, S, F, Fut> Call<'a, K, T, S, F>
+where
+    K: Hash + Eq + Clone,
+    T: Clone + 'static,
+    S: BuildHasher,
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = T> + Send + 'static,
+{
+    pub(crate) fn new(entry: Entry<'a, K, T, Infallible, S>, f: F) -> Self {
+        Self {
+            state: State::new(entry, Infallibly(f)),
+        }
+    }
+}
+
+impl<K, T, S, F, Fut> Future for Call<'_, K, T, S, F>
+where
+    K: Hash + Eq + Clone,
+    T: Clone + 'static,
+    S: BuildHasher,
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = T> + Send + 'static,
+{
+    type Output = Outcome<T>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Outcome<T>> {
+        self.get_mut().state.poll(cx).map(|result| match result {
+            Ok(outcome) => outcome,
+            Err(never) => match never {},
+        })
+    }
+}
+
+// Nothing in a call is ever pinned in place: the work is boxed.
+impl<K, T, S, F> Unpin for Call<'_, K, T, S, F>
+where
+    K: Hash + Eq + Clone,
+    T: Clone + 'static,
+    S: BuildHasher,
+{
+}
+
+impl<K, T, S, F> fmt::Debug for Call<'_, K, T, S, F>
+where
+    K: Hash + Eq + Clone,
+    T: Clone + 'static,
+    S: BuildHasher,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Call").field("state", &self.state.name()).finish()
+    }
+}
