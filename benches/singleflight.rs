@@ -455,6 +455,14 @@ fn gated(c: &mut Criterion, name: &str, sizes: &[usize], distinct: bool) {
         for (row, execs) in rows {
             execs.check(&format!("{name}/{n} {row}"), expected);
         }
+        if !distinct {
+            // Every task parks on the gate and is woken once, as a follower
+            // must: the floor for a follower's cost, with no single-flight.
+            let execs = bench_batches(&mut group, &rt, "harness_parked", n, move || {
+                gated_harness(n, true)
+            });
+            execs.check(&format!("{name}/{n} harness_parked"), n);
+        }
     }
     group.finish();
 }

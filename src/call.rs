@@ -8,7 +8,7 @@ use std::future::Future;
 use std::hash::{BuildHasher, Hash};
 use std::mem;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 
 use crate::caller::{Driver, Entry, Next, Waiter, with_role};
 use crate::epoch::{Outcome, Role, Versioned};
@@ -81,35 +81,44 @@ where
 
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Result<Outcome<T>, E>> {
         loop {
-            // Each arm either returns or leaves the next state. A panic in
-            // user code drops the driver or waiter held here, which hands the
-            // flight on.
-            match mem::replace(self, State::Finished) {
-                State::Reused(v) => return Poll::Ready(Ok(Outcome::new(v.value, v.epoch, Role::Reused))),
-                State::Lead(mut driver, make) => {
-                    driver.start(|| make.make());
-                    *self = State::Drive(driver, Role::Led);
+            // The states that wait are polled in place; the others are moved
+            // out to change state. After a panic in user code the driver
+            // stays here until the future is dropped; it knows it was busy,
+            // so its drop hands the flight on as after a panic.
+            match self {
+                State::Drive(driver, role) => {
+                    let role = *role;
+                    let result = ready!(driver.poll_work(cx));
+                    *self = State::Finished;
+                    return Poll::Ready(with_role(result, role));
                 }
-                State::Join(mut waiter, make) => match waiter.poll_step(cx) {
-                    Poll::Pending => {
-                        *self = State::Join(waiter, make);
-                        return Poll::Pending;
+                State::Join(waiter, _) => {
+                    let next = ready!(waiter.poll_step(cx));
+                    let State::Join(_, make) = mem::replace(self, State::Finished) else {
+                        unreachable!("matched above");
+                    };
+                    match next {
+                        Next::Reused(v) => {
+                            return Poll::Ready(Ok(Outcome::new(v.value, v.epoch, Role::Reused)));
+                        }
+                        Next::Done(result) => return Poll::Ready(with_role(result, Role::Joined)),
+                        Next::Adopt(driver) => *self = State::Drive(driver, Role::Joined),
+                        Next::Promote(mut driver) => {
+                            driver.start(|| make.make());
+                            *self = State::Drive(driver, Role::Led);
+                        }
                     }
-                    Poll::Ready(Next::Done(result)) => return Poll::Ready(with_role(result, Role::Joined)),
-                    Poll::Ready(Next::Adopt(driver)) => *self = State::Drive(driver, Role::Joined),
-                    Poll::Ready(Next::Promote(mut driver)) => {
+                }
+                _ => match mem::replace(self, State::Finished) {
+                    State::Reused(v) => {
+                        return Poll::Ready(Ok(Outcome::new(v.value, v.epoch, Role::Reused)));
+                    }
+                    State::Lead(mut driver, make) => {
                         driver.start(|| make.make());
                         *self = State::Drive(driver, Role::Led);
                     }
+                    _ => panic!("an epochflight call was polled after it completed"),
                 },
-                State::Drive(mut driver, role) => match driver.poll_work(cx) {
-                    Poll::Pending => {
-                        *self = State::Drive(driver, role);
-                        return Poll::Pending;
-                    }
-                    Poll::Ready(result) => return Poll::Ready(with_role(result, role)),
-                },
-                State::Finished => panic!("an epochflight call was polled after it completed"),
             }
         }
     }
@@ -203,7 +212,9 @@ where
     S: BuildHasher,
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("TryCall").field("state", &self.state.name()).finish()
+        f.debug_struct("TryCall")
+            .field("state", &self.state.name())
+            .finish()
     }
 }
 
@@ -274,6 +285,8 @@ where
     S: BuildHasher,
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Call").field("state", &self.state.name()).finish()
+        f.debug_struct("Call")
+            .field("state", &self.state.name())
+            .finish()
     }
 }

@@ -14,7 +14,8 @@ use std::task::{Context, Poll};
 use crate::block_on::block_on;
 use crate::epoch::{Outcome, Role, Versioned};
 use crate::flight::{Finished, Flight, FlightId, Registration, Step, WaitKind, Work};
-use crate::single_flight::SingleFlight;
+use crate::single_flight::{Mode, SingleFlight};
+use crate::slots::SlotId;
 use crate::sync::Arc;
 
 /// A caller right after it registered with the map (synchronously, at call
@@ -52,6 +53,7 @@ where
             Entry::Join(waiter) => waiter,
         };
         match block_on(poll_fn(|cx| waiter.poll_step(cx))) {
+            Next::Reused(v) => Ok(Outcome::new(v.value, v.epoch, Role::Reused)),
             Next::Done(result) => with_role(result, Role::Joined),
             Next::Adopt(driver) => with_role(driver.drive_blocking(), Role::Joined),
             Next::Promote(driver) => with_role(driver.run_blocking(f), Role::Led),
@@ -76,6 +78,8 @@ where
 {
     sf: &'a SingleFlight<K, T, E, S>,
     key: K,
+    /// Where the flight started; the id tells whether it is still there.
+    at: SlotId,
     id: FlightId,
     /// Known when the driver came from a follower. The original leader of a
     /// solo flight finds the shared flight (if one was created) in the map.
@@ -97,6 +101,7 @@ where
     pub(crate) fn new(
         sf: &'a SingleFlight<K, T, E, S>,
         key: K,
+        at: SlotId,
         id: FlightId,
         flight: Option<Arc<Flight<T, E>>>,
         work: Option<Work<T, E>>,
@@ -104,6 +109,7 @@ where
         Self {
             sf,
             key,
+            at,
             id,
             flight,
             work,
@@ -149,10 +155,18 @@ where
     /// Stores the result (if the map still holds this flight) and publishes
     /// it to the followers.
     fn finish(&mut self, result: Result<T, E>) -> Finished<T, E> {
+        // `complete_flight` clones before it changes anything: if `T::clone`
+        // panics there, this driver is still unfinished, and its drop hands
+        // the flight on as after a panic in the work.
+        let (finished, flight) = self.sf.complete_flight(&self.key, self.at, self.id, result);
         self.finished = true;
-        let (finished, flight) = self.sf.complete_flight(&self.key, self.id, result);
         if let Some(flight) = flight.or_else(|| self.flight.take()) {
-            flight.complete(finished.clone());
+            // The flight is unhooked now: if cloning for the followers
+            // panics, they must not be left waiting.
+            let vacate = VacateOnUnwind(Some(&flight));
+            let published = finished.clone();
+            vacate.disarm();
+            flight.complete(published);
         }
         finished
     }
@@ -177,12 +191,29 @@ where
         } else {
             (work, None)
         };
-        let leftover = self
-            .sf
-            .abandon_flight(&self.key, self.id, self.flight.take(), handed);
+        let leftover =
+            self.sf
+                .abandon_flight(&self.key, self.at, self.id, self.flight.take(), handed);
         // User futures are dropped here, after every lock is released.
         drop(leftover);
         drop(broken);
+    }
+}
+
+/// Vacates a finished flight whose result could not be published.
+struct VacateOnUnwind<'f, T, E>(Option<&'f Flight<T, E>>);
+
+impl<T, E> VacateOnUnwind<'_, T, E> {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl<T, E> Drop for VacateOnUnwind<'_, T, E> {
+    fn drop(&mut self) {
+        if let Some(flight) = self.0 {
+            flight.vacate();
+        }
     }
 }
 
@@ -199,8 +230,11 @@ where
     sf: &'a SingleFlight<K, T, E, S>,
     /// `None` once resolved (or turned into a driver): nothing to withdraw.
     key: Option<K>,
+    at: SlotId,
     flight: Arc<Flight<T, E>>,
     kind: WaitKind,
+    /// What the caller asked for, checked again if it is promoted.
+    mode: Mode,
     registration: Registration,
 }
 
@@ -214,6 +248,8 @@ where
 {
     /// Return the flight's result.
     Done(Finished<T, E>),
+    /// Promoted, but a stored value now answers the call: return it.
+    Reused(Versioned<T>),
     /// Continue the orphaned work with this driver.
     Adopt(Driver<'a, K, T, E, S>),
     /// Start own work with this driver.
@@ -230,14 +266,18 @@ where
     pub(crate) fn new(
         sf: &'a SingleFlight<K, T, E, S>,
         key: K,
+        at: SlotId,
         flight: Arc<Flight<T, E>>,
         kind: WaitKind,
+        mode: Mode,
     ) -> Self {
         Self {
             sf,
             key: Some(key),
+            at,
             flight,
             kind,
+            mode,
             registration: Registration::default(),
         }
     }
@@ -245,7 +285,9 @@ where
     /// Looks at the flight; `Pending` with the waker registered if there is
     /// nothing to do yet.
     pub(crate) fn poll_step(&mut self, cx: &mut Context<'_>) -> Poll<Next<'a, K, T, E, S>> {
-        let step = self.flight.step(self.kind, cx.waker(), &mut self.registration);
+        let step = self
+            .flight
+            .step(self.kind, cx.waker(), &mut self.registration);
         Poll::Ready(match step {
             Step::Wait => return Poll::Pending,
             Step::Done(result) => {
@@ -253,13 +295,29 @@ where
                 Next::Done(result)
             }
             Step::Adopt(work) => Next::Adopt(self.become_driver(Some(work))),
-            Step::Promote => Next::Promote(self.become_driver(None)),
+            Step::Promote => {
+                let driver = self.become_driver(None);
+                match self.sf.reusable(&driver.key, self.mode) {
+                    // Running now would refresh a value newer than the one
+                    // this caller saw. Pass the vacancy on (dropping an
+                    // unstarted driver does) and reuse the value.
+                    Some(stored) => Next::Reused(stored),
+                    None => Next::Promote(driver),
+                }
+            }
         })
     }
 
     fn become_driver(&mut self, work: Option<Work<T, E>>) -> Driver<'a, K, T, E, S> {
         let key = self.key.take().expect("a resolved follower stepped again");
-        Driver::new(self.sf, key, self.flight.id, Some(self.flight.clone()), work)
+        Driver::new(
+            self.sf,
+            key,
+            self.at,
+            self.flight.id,
+            Some(self.flight.clone()),
+            work,
+        )
     }
 }
 
@@ -272,9 +330,9 @@ where
 {
     fn drop(&mut self) {
         if let Some(key) = self.key.take() {
-            let leftover = self
-                .sf
-                .leave_flight(&key, &self.flight, self.kind, self.registration);
+            let leftover =
+                self.sf
+                    .leave_flight(&key, self.at, &self.flight, self.kind, self.registration);
             drop(leftover);
         }
     }

@@ -81,6 +81,8 @@ pub(crate) enum Step<T, E> {
 pub(crate) struct Leave<T, E> {
     /// Its waker.
     pub(crate) waker: Option<Waker>,
+    /// Followers to wake.
+    pub(crate) wake: WakeOnDrop,
     /// `Some` if it was the last follower of a flight nobody drives: the
     /// caller must unhook the flight from the map and drop this work.
     pub(crate) abandoned: Option<Option<Work<T, E>>>,
@@ -157,17 +159,25 @@ impl Wakers {
     }
 
     /// Takes every waker, to be woken once unlocked, and starts a new round.
-    fn take(&mut self) -> Vec<WakerSlot> {
+    fn take(&mut self) -> WakeOnDrop {
         self.free = None;
         self.round += 1;
-        mem::take(&mut self.slots)
+        WakeOnDrop(mem::take(&mut self.slots))
     }
 }
 
-fn wake_all(slots: Vec<WakerSlot>) {
-    for slot in slots {
-        if let WakerSlot::Taken(waker) = slot {
-            waker.wake();
+/// Wakers taken from a flight, woken when this is dropped: after the lock
+/// that guarded them is released, since waking runs executor code.
+#[must_use = "dropping it wakes the followers: drop it once unlocked"]
+#[derive(Default)]
+pub(crate) struct WakeOnDrop(Vec<WakerSlot>);
+
+impl Drop for WakeOnDrop {
+    fn drop(&mut self) {
+        for slot in self.0.drain(..) {
+            if let WakerSlot::Taken(waker) = slot {
+                waker.wake();
+            }
         }
     }
 }
@@ -245,19 +255,37 @@ impl<T, E> Flight<T, E> {
     pub(crate) fn complete(&self, result: Finished<T, E>) {
         let mut state = self.state.lock();
         let replaced = mem::replace(&mut state.phase, Phase::Done(result));
-        let wakers = state.wakers.take();
+        let wake = state.wakers.take();
         drop(state);
         // Running is all a finished driver can replace; drop it unlocked anyway.
-        drop(replaced);
-        wake_all(wakers);
+        drop((replaced, wake));
+    }
+
+    /// The driver finished but could not publish its result (cloning it
+    /// panicked): the followers must not wait forever. One of them starts
+    /// over, as after a panic in the work.
+    pub(crate) fn vacate(&self) {
+        let mut state = self.state.lock();
+        if matches!(state.phase, Phase::Done(_)) || state.waiters == 0 {
+            return;
+        }
+        state.phase = Phase::Vacant;
+        let wake = state.wakers.take();
+        drop(state);
+        drop(wake);
     }
 
     /// The driver gives up without a result: cancelled (`work` is `Some`, to
     /// be continued) or panicked (`None`, a follower must start over).
     ///
-    /// The caller holds the map lock. Returns the work back when no follower
-    /// is left: the caller then unhooks the flight and drops the work.
-    pub(crate) fn hand_off(&self, work: Option<Work<T, E>>) -> Result<(), Option<Work<T, E>>> {
+    /// The caller holds the map lock, and wakes the followers (drops the
+    /// returned [`WakeOnDrop`]) once it released it. Returns the work back
+    /// when no follower is left: the caller then unhooks the flight and drops
+    /// the work.
+    pub(crate) fn hand_off(
+        &self,
+        work: Option<Work<T, E>>,
+    ) -> Result<WakeOnDrop, Option<Work<T, E>>> {
         let mut state = self.state.lock();
         if state.waiters == 0 {
             return Err(work);
@@ -266,28 +294,27 @@ impl<T, E> Flight<T, E> {
             Some(work) => Phase::Orphaned(work),
             None => Phase::Vacant,
         };
-        let wakers = state.wakers.take();
-        drop(state);
         // Every follower looks; the first eligible one claims the flight and
         // the rest go back to waiting. Rare path, so simplicity wins.
-        wake_all(wakers);
-        Ok(())
+        Ok(state.wakers.take())
     }
 
     /// A follower leaves without a result (its future was dropped). The
-    /// caller holds the map lock.
+    /// caller holds the map lock, and drops the returned [`Leave`] once it
+    /// released it.
     pub(crate) fn leave(&self, kind: WaitKind, at: Registration) -> Leave<T, E> {
         let mut state = self.state.lock();
         if matches!(state.phase, Phase::Done(_)) {
             return Leave {
                 waker: None,
+                wake: WakeOnDrop::default(),
                 abandoned: None,
             };
         }
         state.remove(kind);
         let waker = state.wakers.unregister(at);
         let mut abandoned = None;
-        let mut wake = Vec::new();
+        let mut wake = WakeOnDrop::default();
         match &state.phase {
             Phase::Orphaned(_) | Phase::Vacant if state.waiters == 0 => {
                 abandoned = match mem::replace(&mut state.phase, Phase::Running) {
@@ -303,8 +330,11 @@ impl<T, E> Flight<T, E> {
             _ => {}
         }
         drop(state);
-        wake_all(wake);
-        Leave { waker, abandoned }
+        Leave {
+            waker,
+            wake,
+            abandoned,
+        }
     }
 }
 

@@ -39,6 +39,7 @@ mod caller;
 mod epoch;
 mod flight;
 mod single_flight;
+mod slots;
 mod sync;
 
 pub use call::{Call, TryCall};

@@ -2,7 +2,6 @@
 //! flight in progress.
 
 use std::borrow::Borrow;
-use std::collections::HashMap;
 use std::collections::hash_map::RandomState;
 use std::convert::Infallible;
 use std::fmt;
@@ -12,7 +11,8 @@ use std::hash::{BuildHasher, Hash};
 use crate::call::{Call, TryCall};
 use crate::caller::{Driver, Entry, Waiter};
 use crate::epoch::{Epoch, Outcome, Versioned};
-use crate::flight::{Finished, Flight, FlightId, Registration, WaitKind, Work};
+use crate::flight::{Finished, Flight, FlightId, Registration, WaitKind, WakeOnDrop, Work};
+use crate::slots::{FlightRef, Slot, SlotId, Slots};
 use crate::sync::{Arc, Mutex};
 
 /// A map of single flights with epochs: concurrent *and late* callers for a
@@ -81,37 +81,12 @@ use crate::sync::{Arc, Mutex};
 /// `E::clone` may run under a lock: keep them cheap and do not call back
 /// into the same `SingleFlight` from them.
 pub struct SingleFlight<K, T, E = Infallible, S = RandomState> {
-    inner: Mutex<Inner<K, T, E, S>>,
-}
-
-struct Inner<K, T, E, S> {
-    slots: HashMap<K, Slot<T, E>, S>,
-    /// Shared flights cut loose from their key by `forget` or `set`, kept
-    /// until their driver finishes so that an original leader (which holds
-    /// only the flight's id) can still find its followers.
-    detached: HashMap<FlightId, Arc<Flight<T, E>>>,
-    last_epoch: u64,
-    last_flight: FlightId,
-}
-
-/// A key's entry. Never left empty: a slot with neither a value nor a flight
-/// is removed (DESIGN I7).
-struct Slot<T, E> {
-    value: Option<Versioned<T>>,
-    flight: Option<FlightRef<T, E>>,
-}
-
-/// A flight in progress, as the map holds it.
-enum FlightRef<T, E> {
-    /// Only the leader: no follower has needed a shared state yet.
-    Solo(FlightId),
-    /// Followers wait on this.
-    Shared(Arc<Flight<T, E>>),
+    inner: Mutex<Slots<K, T, E, S>>,
 }
 
 /// What a caller wants when it registers.
 #[derive(Clone, Copy)]
-enum Mode {
+pub(crate) enum Mode {
     /// Join the flight in progress or lead one (`run`).
     Run,
     /// Reuse a value newer than `seen`; else join or lead.
@@ -131,6 +106,8 @@ pub(crate) struct Leftovers<K, T, E> {
     _slot: Option<(K, Slot<T, E>)>,
     _value: Option<Versioned<T>>,
     _waker: Option<std::task::Waker>,
+    /// Last, so it wakes followers after everything else is dropped.
+    _wake: WakeOnDrop,
 }
 
 impl<K, T, E> Default for Leftovers<K, T, E> {
@@ -141,89 +118,7 @@ impl<K, T, E> Default for Leftovers<K, T, E> {
             _slot: None,
             _value: None,
             _waker: None,
-        }
-    }
-}
-
-impl<T, E> FlightRef<T, E> {
-    fn id(&self) -> FlightId {
-        match self {
-            FlightRef::Solo(id) => *id,
-            FlightRef::Shared(flight) => flight.id,
-        }
-    }
-
-    /// The shared state followers wait on, created by the first follower.
-    fn share(&mut self) -> Arc<Flight<T, E>> {
-        if let FlightRef::Solo(id) = *self {
-            *self = FlightRef::Shared(Arc::new(Flight::new(id)));
-        }
-        match self {
-            FlightRef::Shared(flight) => flight.clone(),
-            FlightRef::Solo(_) => unreachable!("made shared above"),
-        }
-    }
-
-    fn into_shared(self) -> Option<Arc<Flight<T, E>>> {
-        match self {
-            FlightRef::Solo(_) => None,
-            FlightRef::Shared(flight) => Some(flight),
-        }
-    }
-
-    fn shared(&self) -> Option<&Arc<Flight<T, E>>> {
-        match self {
-            FlightRef::Solo(_) => None,
-            FlightRef::Shared(flight) => Some(flight),
-        }
-    }
-}
-
-impl<K, T, E, S> Inner<K, T, E, S>
-where
-    K: Hash + Eq,
-    S: BuildHasher,
-{
-    fn next_epoch(&mut self) -> Epoch {
-        self.last_epoch += 1;
-        Epoch(self.last_epoch)
-    }
-
-    /// Unhooks flight `id` from wherever the map holds it. Returns whether it
-    /// was still `key`'s flight (so its result may be stored) and its shared
-    /// state, if it had one.
-    fn take_flight(&mut self, key: &K, id: FlightId) -> (bool, Option<Arc<Flight<T, E>>>) {
-        if let Some(slot) = self.slots.get_mut(key) {
-            if slot.flight.as_ref().is_some_and(|f| f.id() == id) {
-                return (true, slot.flight.take().and_then(FlightRef::into_shared));
-            }
-        }
-        (false, self.detached.remove(&id))
-    }
-
-    /// The shared state of flight `id`, wherever the map holds it.
-    fn find_flight(&self, key: &K, id: FlightId) -> Option<Arc<Flight<T, E>>> {
-        match self.slots.get(key).and_then(|slot| slot.flight.as_ref()) {
-            Some(flight) if flight.id() == id => flight.shared().cloned(),
-            _ => self.detached.get(&id).cloned(),
-        }
-    }
-
-    /// Removes `key`'s slot if it holds nothing any more.
-    fn prune(&mut self, key: &K) -> Option<(K, Slot<T, E>)> {
-        let slot = self.slots.get(key)?;
-        if slot.value.is_none() && slot.flight.is_none() {
-            self.slots.remove_entry(key)
-        } else {
-            None
-        }
-    }
-
-    /// Cuts `slot`'s flight loose from its key: its callers still get its
-    /// result, but the result is not stored.
-    fn detach(detached: &mut HashMap<FlightId, Arc<Flight<T, E>>>, slot: &mut Slot<T, E>) {
-        if let Some(FlightRef::Shared(flight)) = slot.flight.take() {
-            detached.insert(flight.id, flight);
+            _wake: WakeOnDrop::default(),
         }
     }
 }
@@ -258,12 +153,7 @@ impl<K, T, E, S> SingleFlight<K, T, E, S> {
     /// ```
     pub fn with_hasher(hasher: S) -> Self {
         Self {
-            inner: Mutex::new(Inner {
-                slots: HashMap::with_hasher(hasher),
-                detached: HashMap::new(),
-                last_epoch: 0,
-                last_flight: 0,
-            }),
+            inner: Mutex::new(Slots::with_hasher(hasher)),
         }
     }
 }
@@ -277,12 +167,11 @@ impl<K, T, E, S: Default> Default for SingleFlight<K, T, E, S> {
 impl<K, T, E, S> fmt::Debug for SingleFlight<K, T, E, S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let inner = self.inner.lock();
-        let in_flight = inner.slots.values().filter(|s| s.flight.is_some()).count();
         f.debug_struct("SingleFlight")
-            .field("keys", &inner.slots.len())
-            .field("in_flight", &in_flight)
-            .field("detached_in_flight", &inner.detached.len())
-            .field("last_epoch", &Epoch(inner.last_epoch))
+            .field("keys", &inner.len())
+            .field("in_flight", &inner.in_flight())
+            .field("detached_in_flight", &inner.detached_len())
+            .field("last_epoch", &inner.last_epoch())
             .finish()
     }
 }
@@ -296,9 +185,9 @@ where
 {
     /// Registers a caller: reuse, lead or join. Runs no user code.
     fn enter(&self, key: K, mode: Mode, kind: WaitKind) -> Entry<'_, K, T, E, S> {
-        let mut guard = self.inner.lock();
-        let inner = &mut *guard;
-        if let Some(slot) = inner.slots.get_mut(&key) {
+        let mut inner = self.inner.lock();
+        let id = inner.next_flight();
+        let at = if let Some((at, slot)) = inner.get_mut(&key) {
             if let Some(stored) = &slot.value {
                 let reuse = match mode {
                     Mode::Run => false,
@@ -312,19 +201,19 @@ where
             if let Some(flight) = &mut slot.flight {
                 let flight = flight.share();
                 flight.add_waiter(kind);
-                return Entry::Join(Waiter::new(self, key, flight, kind));
+                return Entry::Join(Waiter::new(self, key, at, flight, kind, mode));
             }
-            inner.last_flight += 1;
-            slot.flight = Some(FlightRef::Solo(inner.last_flight));
+            slot.flight = Some(FlightRef::Solo(id));
+            at
         } else {
-            inner.last_flight += 1;
             let slot = Slot {
                 value: None,
-                flight: Some(FlightRef::Solo(inner.last_flight)),
+                flight: Some(FlightRef::Solo(id)),
             };
-            inner.slots.insert(key.clone(), slot);
-        }
-        Entry::Lead(Driver::new(self, key, inner.last_flight, None, None))
+            inner.insert(key.clone(), slot)
+        };
+        drop(inner);
+        Entry::Lead(Driver::new(self, key, at, id, None, None))
     }
 
     /// A driver's result: stamps it, stores it if the flight is still the
@@ -333,44 +222,30 @@ where
     pub(crate) fn complete_flight(
         &self,
         key: &K,
+        at: SlotId,
         id: FlightId,
         result: Result<T, E>,
     ) -> (Finished<T, E>, Option<SharedFlight<T, E>>) {
         // Clone outside the lock; wasted only if the flight was detached.
         let copy = result.as_ref().ok().cloned();
-        let mut leftovers = Leftovers::default();
-        let mut guard = self.inner.lock();
-        let inner = &mut *guard;
-        let finished;
-        let flight;
-        match inner.slots.get_mut(key) {
-            // The common case: the flight is still the key's. One lookup.
-            Some(slot) if slot.flight.as_ref().is_some_and(|f| f.id() == id) => {
-                flight = slot.flight.take().and_then(FlightRef::into_shared);
-                inner.last_epoch += 1;
-                let epoch = Epoch(inner.last_epoch);
-                finished = result.map(|value| (value, epoch));
-                match copy {
-                    Some(value) => {
-                        leftovers._value = slot.value.replace(Versioned { value, epoch })
-                    }
-                    None if slot.value.is_none() => leftovers._slot = inner.slots.remove_entry(key),
-                    None => {}
+        let mut replaced = None;
+        let mut removed = None;
+        let mut inner = self.inner.lock();
+        let found = inner.take_flight(at, id);
+        let finished = result.map(|value| (value, inner.next_epoch()));
+        if found.attached {
+            let slot = inner.at_mut(at).expect("an attached flight has its slot");
+            match (&finished, copy) {
+                (Ok((_, epoch)), Some(value)) => {
+                    let epoch = *epoch;
+                    replaced = slot.value.replace(Versioned { value, epoch });
                 }
-            }
-            // Detached by `forget` or `set`: the result is not stored.
-            _ => {
-                flight = inner.detached.remove(&id);
-                finished = result.map(|value| (value, inner.next_epoch()));
-                leftovers._value = copy.map(|value| Versioned {
-                    value,
-                    epoch: Epoch::NONE,
-                });
+                _ => removed = inner.prune(key, at),
             }
         }
-        drop(guard);
-        drop(leftovers);
-        (finished, flight)
+        drop(inner);
+        drop((replaced, removed));
+        (finished, found.shared)
     }
 
     /// A driver gave up (cancelled or panicked): hand the flight to a
@@ -378,30 +253,47 @@ where
     pub(crate) fn abandon_flight(
         &self,
         key: &K,
+        at: SlotId,
         id: FlightId,
         own: Option<Arc<Flight<T, E>>>,
         work: Option<Work<T, E>>,
     ) -> Leftovers<K, T, E> {
         let mut leftovers = Leftovers::default();
         let mut inner = self.inner.lock();
-        let flight = inner.find_flight(key, id).or(own);
+        let flight = inner.find_flight(at, id).or(own);
         let orphan = match &flight {
             Some(flight) => flight.hand_off(work),
             None => Err(work),
         };
-        if let Err(work) = orphan {
-            leftovers._work = work;
-            leftovers._flight = self.unhook(&mut inner, key, id, &mut leftovers);
+        match orphan {
+            Ok(wake) => leftovers._wake = wake,
+            Err(work) => {
+                leftovers._work = work;
+                self.unhook(&mut inner, key, at, id, &mut leftovers);
+            }
         }
         drop(inner);
         drop(flight);
         leftovers
     }
 
+    /// For a promoted follower: the stored value its own call would reuse
+    /// now (a `set` may have stored one since it joined; DESIGN I3).
+    pub(crate) fn reusable(&self, key: &K, mode: Mode) -> Option<Versioned<T>> {
+        let inner = self.inner.lock();
+        let stored = inner.get(key)?.value.as_ref()?;
+        match mode {
+            Mode::Run => None,
+            Mode::RefreshIfCurrent(seen) => (stored.epoch > seen).then(|| stored.clone()),
+            Mode::Get => Some(stored.clone()),
+        }
+    }
+
     /// A follower left without its result.
     pub(crate) fn leave_flight(
         &self,
         key: &K,
+        at: SlotId,
         flight: &Arc<Flight<T, E>>,
         kind: WaitKind,
         registration: Registration,
@@ -410,26 +302,29 @@ where
         let mut inner = self.inner.lock();
         let left = flight.leave(kind, registration);
         leftovers._waker = left.waker;
+        leftovers._wake = left.wake;
         if let Some(work) = left.abandoned {
             leftovers._work = work;
-            leftovers._flight = self.unhook(&mut inner, key, flight.id, &mut leftovers);
+            self.unhook(&mut inner, key, at, flight.id, &mut leftovers);
         }
         drop(inner);
         leftovers
     }
 
+    /// Unhooks a flight nobody will finish, freeing its key.
     fn unhook(
         &self,
-        inner: &mut Inner<K, T, E, S>,
+        inner: &mut Slots<K, T, E, S>,
         key: &K,
+        at: SlotId,
         id: FlightId,
         leftovers: &mut Leftovers<K, T, E>,
-    ) -> Option<Arc<Flight<T, E>>> {
-        let (attached, flight) = inner.take_flight(key, id);
-        if attached {
-            leftovers._slot = inner.prune(key);
+    ) {
+        let found = inner.take_flight(at, id);
+        if found.attached {
+            leftovers._slot = inner.prune(key, at);
         }
-        flight
+        leftovers._flight = found.shared;
     }
 
     /// Runs `f` as the flight for `key`, or joins the flight in progress.
@@ -527,7 +422,10 @@ where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<T, E>> + Send + 'static,
     {
-        TryCall::new(self.enter(key, Mode::RefreshIfCurrent(seen), WaitKind::Async), f)
+        TryCall::new(
+            self.enter(key, Mode::RefreshIfCurrent(seen), WaitKind::Async),
+            f,
+        )
     }
 
     /// Blocking [`try_run`](Self::try_run): runs `f` on this thread as the
@@ -688,7 +586,7 @@ where
         Q: Hash + Eq + ?Sized,
     {
         let inner = self.inner.lock();
-        inner.slots.get(key)?.value.clone()
+        inner.get(key)?.value.clone()
     }
 
     /// The latest epoch for `key`, [`Epoch::NONE`] if no value is stored.
@@ -709,7 +607,7 @@ where
         Q: Hash + Eq + ?Sized,
     {
         let inner = self.inner.lock();
-        match inner.slots.get(key) {
+        match inner.get(key) {
             Some(Slot {
                 value: Some(stored),
                 ..
@@ -751,11 +649,11 @@ where
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
-        let mut guard = self.inner.lock();
-        let inner = &mut *guard;
-        let mut removed = inner.slots.remove(key)?;
-        Inner::<K, T, E, S>::detach(&mut inner.detached, &mut removed);
-        drop(guard);
+        let mut inner = self.inner.lock();
+        let (removed_key, mut removed) = inner.remove(key)?;
+        inner.detach_removed(&mut removed);
+        drop(inner);
+        drop(removed_key);
         removed.value.take()
     }
 
@@ -778,7 +676,7 @@ where
         Q: Hash + Eq + ?Sized,
     {
         let inner = self.inner.lock();
-        inner.slots.get(key).is_some_and(|s| s.flight.is_some())
+        inner.get(key).is_some_and(|s| s.flight.is_some())
     }
 
     /// How many followers wait on `key`'s flight in progress (0 if none).
@@ -805,7 +703,6 @@ where
     {
         let inner = self.inner.lock();
         inner
-            .slots
             .get(key)
             .and_then(|slot| slot.flight.as_ref()?.shared().map(|f| f.waiters()))
             .unwrap_or(0)
@@ -838,31 +735,28 @@ where
     /// [`set`](Self::set), returning the replaced value for the caller to
     /// drop outside its own locks.
     pub(crate) fn replace(&self, key: K, value: T) -> (Epoch, Option<Versioned<T>>) {
-        let mut guard = self.inner.lock();
-        let inner = &mut *guard;
+        let mut inner = self.inner.lock();
         let epoch = inner.next_epoch();
         let stored = Versioned { value, epoch };
-        let replaced = match inner.slots.get_mut(&key) {
-            Some(slot) => {
-                Inner::<K, T, E, S>::detach(&mut inner.detached, slot);
-                slot.value.replace(stored)
-            }
+        inner.detach_flight(&key);
+        let replaced = match inner.get_mut(&key) {
+            Some((_, slot)) => slot.value.replace(stored),
             None => {
                 let slot = Slot {
                     value: Some(stored),
                     flight: None,
                 };
-                inner.slots.insert(key, slot);
+                inner.insert(key, slot);
                 None
             }
         };
-        drop(guard);
+        drop(inner);
         (epoch, replaced)
     }
 
     /// The number of keys that hold a value or a flight in progress.
     pub fn len(&self) -> usize {
-        self.inner.lock().slots.len()
+        self.inner.lock().len()
     }
 
     /// Whether no key holds a value or a flight in progress.
@@ -947,17 +841,15 @@ where
     /// assert_eq!((fresh.value, late.value, late.role), (2, 2, Role::Reused));
     /// # });
     /// ```
-    pub fn refresh_if_current<F, Fut>(
-        &self,
-        key: K,
-        seen: Epoch,
-        f: F,
-    ) -> Call<'_, K, T, S, F>
+    pub fn refresh_if_current<F, Fut>(&self, key: K, seen: Epoch, f: F) -> Call<'_, K, T, S, F>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = T> + Send + 'static,
     {
-        Call::new(self.enter(key, Mode::RefreshIfCurrent(seen), WaitKind::Async), f)
+        Call::new(
+            self.enter(key, Mode::RefreshIfCurrent(seen), WaitKind::Async),
+            f,
+        )
     }
 
     /// Blocking [`run`](Self::run).

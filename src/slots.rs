@@ -1,0 +1,247 @@
+//! The map behind a `SingleFlight`: each key's [`Slot`] (its latest value and
+//! its flight in progress), the flights cut loose by `forget` and `set`, and
+//! the counters that issue epochs and flight ids. Guarded by one mutex.
+//!
+//! Slots live in a slab indexed by the key map. A driver remembers its slot's
+//! index, so finishing a flight costs no second hash of the key; the flight
+//! id, never reused, tells whether the slot still holds that flight.
+
+use std::borrow::Borrow;
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hash};
+
+use crate::epoch::{Epoch, Versioned};
+use crate::flight::{Flight, FlightId};
+use crate::sync::Arc;
+
+/// Where a key's slot is in the slab. Valid while the key stays in the map;
+/// check the flight id before trusting it later.
+pub(crate) type SlotId = usize;
+
+pub(crate) struct Slots<K, T, E, S> {
+    index: HashMap<K, SlotId, S>,
+    slab: Vec<Option<Slot<T, E>>>,
+    /// Empty places in `slab`; it never holds more places than the peak
+    /// number of live keys (DESIGN I7).
+    free: Vec<SlotId>,
+    /// Shared flights cut loose from their key by `forget` or `set`, kept
+    /// until their driver finishes so that an original leader (which holds
+    /// only the flight's id) can still find its followers.
+    detached: HashMap<FlightId, Arc<Flight<T, E>>>,
+    last_epoch: u64,
+    last_flight: FlightId,
+}
+
+/// A key's entry. Never left empty: a slot with neither a value nor a flight
+/// is removed.
+pub(crate) struct Slot<T, E> {
+    pub(crate) value: Option<Versioned<T>>,
+    pub(crate) flight: Option<FlightRef<T, E>>,
+}
+
+/// A flight in progress, as the map holds it.
+pub(crate) enum FlightRef<T, E> {
+    /// Only the leader: no follower has needed a shared state yet.
+    Solo(FlightId),
+    /// Followers wait on this.
+    Shared(Arc<Flight<T, E>>),
+}
+
+/// Where a driver's flight is, found again when it finishes or gives up.
+pub(crate) struct Found<T, E> {
+    /// Still its key's flight: its result may be stored.
+    pub(crate) attached: bool,
+    /// Its shared state, if followers ever joined.
+    pub(crate) shared: Option<Arc<Flight<T, E>>>,
+}
+
+impl<T, E> FlightRef<T, E> {
+    pub(crate) fn id(&self) -> FlightId {
+        match self {
+            FlightRef::Solo(id) => *id,
+            FlightRef::Shared(flight) => flight.id,
+        }
+    }
+
+    /// The shared state followers wait on, created by the first follower.
+    pub(crate) fn share(&mut self) -> Arc<Flight<T, E>> {
+        if let FlightRef::Solo(id) = *self {
+            *self = FlightRef::Shared(Arc::new(Flight::new(id)));
+        }
+        match self {
+            FlightRef::Shared(flight) => flight.clone(),
+            FlightRef::Solo(_) => unreachable!("made shared above"),
+        }
+    }
+
+    pub(crate) fn shared(&self) -> Option<&Arc<Flight<T, E>>> {
+        match self {
+            FlightRef::Solo(_) => None,
+            FlightRef::Shared(flight) => Some(flight),
+        }
+    }
+
+    fn into_shared(self) -> Option<Arc<Flight<T, E>>> {
+        match self {
+            FlightRef::Solo(_) => None,
+            FlightRef::Shared(flight) => Some(flight),
+        }
+    }
+}
+
+impl<T, E> Slot<T, E> {
+    fn holds_flight(&self, id: FlightId) -> bool {
+        self.flight.as_ref().is_some_and(|f| f.id() == id)
+    }
+}
+
+impl<K, T, E, S> Slots<K, T, E, S> {
+    pub(crate) fn with_hasher(hasher: S) -> Self {
+        Self {
+            index: HashMap::with_hasher(hasher),
+            slab: Vec::new(),
+            free: Vec::new(),
+            detached: HashMap::new(),
+            last_epoch: 0,
+            last_flight: 0,
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    pub(crate) fn in_flight(&self) -> usize {
+        let slots = self.slab.iter().flatten();
+        slots.filter(|s| s.flight.is_some()).count()
+    }
+
+    pub(crate) fn detached_len(&self) -> usize {
+        self.detached.len()
+    }
+
+    pub(crate) fn last_epoch(&self) -> Epoch {
+        Epoch(self.last_epoch)
+    }
+
+    /// A new epoch, greater than every epoch issued before, for any key.
+    pub(crate) fn next_epoch(&mut self) -> Epoch {
+        self.last_epoch += 1;
+        Epoch(self.last_epoch)
+    }
+
+    /// A new flight id, never issued before.
+    pub(crate) fn next_flight(&mut self) -> FlightId {
+        self.last_flight += 1;
+        self.last_flight
+    }
+
+    pub(crate) fn at_mut(&mut self, at: SlotId) -> Option<&mut Slot<T, E>> {
+        self.slab.get_mut(at)?.as_mut()
+    }
+}
+
+impl<K, T, E, S> Slots<K, T, E, S>
+where
+    K: Hash + Eq,
+    S: BuildHasher,
+{
+    pub(crate) fn get<Q>(&self, key: &Q) -> Option<&Slot<T, E>>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        let at = *self.index.get(key)?;
+        self.slab[at].as_ref()
+    }
+
+    pub(crate) fn get_mut<Q>(&mut self, key: &Q) -> Option<(SlotId, &mut Slot<T, E>)>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        let at = *self.index.get(key)?;
+        Some((at, self.slab[at].as_mut()?))
+    }
+
+    /// Adds a slot for `key`, which has none.
+    pub(crate) fn insert(&mut self, key: K, slot: Slot<T, E>) -> SlotId {
+        let at = match self.free.pop() {
+            Some(at) => {
+                self.slab[at] = Some(slot);
+                at
+            }
+            None => {
+                self.slab.push(Some(slot));
+                self.slab.len() - 1
+            }
+        };
+        self.index.insert(key, at);
+        at
+    }
+
+    /// Removes `key`'s slot; the caller drops it once unlocked.
+    pub(crate) fn remove<Q>(&mut self, key: &Q) -> Option<(K, Slot<T, E>)>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        let (key, at) = self.index.remove_entry(key)?;
+        let slot = self.slab[at].take()?;
+        self.free.push(at);
+        Some((key, slot))
+    }
+
+    /// Removes `key`'s slot (at `at`) if it holds nothing any more.
+    pub(crate) fn prune(&mut self, key: &K, at: SlotId) -> Option<(K, Slot<T, E>)> {
+        let slot = self.slab.get(at)?.as_ref()?;
+        if slot.value.is_none() && slot.flight.is_none() {
+            self.remove(key)
+        } else {
+            None
+        }
+    }
+
+    /// Unhooks flight `id`, which started in slot `at`, from wherever the map
+    /// holds it now.
+    pub(crate) fn take_flight(&mut self, at: SlotId, id: FlightId) -> Found<T, E> {
+        if let Some(slot) = self.at_mut(at).filter(|slot| slot.holds_flight(id)) {
+            let shared = slot.flight.take().and_then(FlightRef::into_shared);
+            return Found {
+                attached: true,
+                shared,
+            };
+        }
+        Found {
+            attached: false,
+            shared: self.detached.remove(&id),
+        }
+    }
+
+    /// The shared state of flight `id` (started in slot `at`), wherever the
+    /// map holds it now.
+    pub(crate) fn find_flight(&self, at: SlotId, id: FlightId) -> Option<Arc<Flight<T, E>>> {
+        match self.slab.get(at).and_then(Option::as_ref) {
+            Some(slot) if slot.holds_flight(id) => slot.flight.as_ref()?.shared().cloned(),
+            _ => self.detached.get(&id).cloned(),
+        }
+    }
+
+    /// Cuts `slot`'s flight loose from its key: its callers still get its
+    /// result, but the result is not stored.
+    pub(crate) fn detach_flight(&mut self, key: &K) {
+        let Some((_, slot)) = self.get_mut(key) else {
+            return;
+        };
+        if let Some(FlightRef::Shared(flight)) = slot.flight.take() {
+            self.detached.insert(flight.id, flight);
+        }
+    }
+
+    /// As [`detach_flight`](Self::detach_flight), for a slot already removed.
+    pub(crate) fn detach_removed(&mut self, slot: &mut Slot<T, E>) {
+        if let Some(FlightRef::Shared(flight)) = slot.flight.take() {
+            self.detached.insert(flight.id, flight);
+        }
+    }
+}

@@ -1,0 +1,202 @@
+//! Edge cases found in review: promotion after `set`, panics in `T::clone`
+//! while a result is published, and `set`/`forget` from inside a flight's own
+//! work. Each test forces its interleaving by polling futures by hand.
+
+mod common;
+
+use std::future::Future;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicIsize, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+
+use common::{Gate, until_blocking, with_timeout};
+use epochflight::{Role, SingleFlight};
+use futures::executor::block_on;
+use futures::task::noop_waker;
+
+fn poll_once<F: Future>(f: Pin<&mut F>) -> Poll<F::Output> {
+    let waker = noop_waker();
+    f.poll(&mut Context::from_waker(&waker))
+}
+
+/// I3: a follower promoted after its leader panicked, on a flight that `set`
+/// detached, reuses the newer value instead of running its closure.
+#[test]
+fn promoted_follower_reuses_value_stored_by_set() {
+    with_timeout("promoted_follower_reuses_value_stored_by_set", || {
+        let sf: SingleFlight<&str, u32> = SingleFlight::new();
+        let e1 = sf.set("k", 1);
+        let ran = AtomicUsize::new(0);
+        let leader = sf.refresh_if_current("k", e1, || async { panic!("leader's work panics") });
+        let follower = sf.refresh_if_current("k", e1, || {
+            ran.fetch_add(1, Ordering::SeqCst);
+            async { 99 }
+        });
+        assert_eq!(sf.waiters("k"), 1);
+        let e2 = sf.set("k", 2); // a login: a newer value, the flight detached
+        assert!(catch_unwind(AssertUnwindSafe(|| block_on(leader))).is_err());
+        let out = block_on(follower);
+        assert_eq!(ran.load(Ordering::SeqCst), 0, "work ran for a stale epoch");
+        assert_eq!((out.value, out.epoch, out.role), (2, e2, Role::Reused));
+    });
+}
+
+/// The same for `get` when the leader is dropped before its first poll.
+#[test]
+fn promoted_get_follower_reuses_value_stored_by_set() {
+    with_timeout("promoted_get_follower_reuses_value_stored_by_set", || {
+        let sf: SingleFlight<&str, u32> = SingleFlight::new();
+        let ran = AtomicUsize::new(0);
+        let leader = sf.run("k", || async { 1 });
+        let follower = sf.get("k", || {
+            ran.fetch_add(1, Ordering::SeqCst);
+            async { 99 }
+        });
+        let stored = sf.set("k", 2);
+        drop(leader);
+        let out = block_on(follower);
+        assert_eq!(
+            ran.load(Ordering::SeqCst),
+            0,
+            "get ran work although a value is stored"
+        );
+        assert_eq!((out.value, out.epoch, out.role), (2, stored, Role::Reused));
+    });
+}
+
+/// A promoted follower that reuses passes the vacancy on: the next follower
+/// (a `run`, which never reuses) still gets promoted and completes.
+#[test]
+fn reusing_follower_passes_the_vacancy_on() {
+    with_timeout("reusing_follower_passes_the_vacancy_on", || {
+        let sf: SingleFlight<&str, u32> = SingleFlight::new();
+        let leader = sf.run("k", || async { 1 });
+        let mut getter = Box::pin(sf.get("k", || async { 98 }));
+        let runner = sf.run("k", || async { 3 });
+        assert_eq!(sf.waiters("k"), 2);
+        sf.set("k", 2);
+        drop(leader);
+        let got = block_on(getter.as_mut());
+        assert_eq!((got.value, got.role), (2, Role::Reused));
+        let ran = block_on(runner);
+        assert_eq!((ran.value, ran.role), (3, Role::Led));
+    });
+}
+
+/// A `T` whose clone panics once, when armed.
+struct Bomb(Arc<AtomicBool>);
+
+impl Clone for Bomb {
+    fn clone(&self) -> Self {
+        if self.0.swap(false, Ordering::SeqCst) {
+            panic!("T::clone panicked");
+        }
+        Bomb(self.0.clone())
+    }
+}
+
+/// A panic in `T::clone` while the leader stores its result reaches the
+/// leader; the key is not left with a flight nobody drives.
+#[test]
+fn clone_panic_while_storing_does_not_wedge_the_key() {
+    with_timeout("clone_panic_while_storing_does_not_wedge_the_key", || {
+        let sf: SingleFlight<&str, Bomb> = SingleFlight::new();
+        let armed = Arc::new(AtomicBool::new(false));
+        let a = armed.clone();
+        let leader = sf.run("k", move || async move {
+            a.store(true, Ordering::SeqCst); // the first clone of the result panics
+            Bomb(a)
+        });
+        assert!(catch_unwind(AssertUnwindSafe(|| block_on(leader))).is_err());
+        assert!(!sf.is_in_flight("k"), "no flight left behind");
+        let next = sf.run_blocking("k", move || Bomb(armed));
+        assert_eq!(next.role, Role::Led);
+    });
+}
+
+/// A `T` whose n-th clone from now panics.
+struct Countdown(Arc<AtomicIsize>);
+
+impl Clone for Countdown {
+    fn clone(&self) -> Self {
+        if self.0.fetch_sub(1, Ordering::SeqCst) == 1 {
+            panic!("T::clone panicked");
+        }
+        Countdown(self.0.clone())
+    }
+}
+
+/// A panic in `T::clone` while the result is published to followers: the
+/// followers are not stranded; one of them starts over.
+#[test]
+fn clone_panic_while_publishing_does_not_strand_followers() {
+    with_timeout(
+        "clone_panic_while_publishing_does_not_strand_followers",
+        || {
+            let sf: Arc<SingleFlight<&str, Countdown>> = Arc::new(SingleFlight::new());
+            let left = Arc::new(AtomicIsize::new(isize::MAX));
+            let gate = Gate::new();
+            let (l, g) = (left.clone(), gate.clone());
+            let mut leader = Box::pin(sf.run("k", move || async move {
+                g.wait().await;
+                // 1st clone: the stored copy; 2nd: the followers' copy.
+                l.store(2, Ordering::SeqCst);
+                Countdown(l)
+            }));
+            assert!(poll_once(leader.as_mut()).is_pending());
+            let follower = {
+                let (sf, left) = (sf.clone(), left.clone());
+                std::thread::spawn(move || sf.run_blocking("k", move || Countdown(left)).role)
+            };
+            until_blocking(|| sf.waiters("k") == 1);
+            gate.open();
+            assert!(catch_unwind(AssertUnwindSafe(|| block_on(leader))).is_err());
+            left.store(isize::MAX, Ordering::SeqCst);
+            assert_eq!(
+                follower.join().unwrap(),
+                Role::Led,
+                "promoted, not stranded"
+            );
+        },
+    );
+}
+
+/// `set` and `forget` from inside the work of the same key, with a follower
+/// waiting: both callers get the flight's result; nothing is left behind.
+#[test]
+fn set_and_forget_from_inside_the_work() {
+    with_timeout("set_and_forget_from_inside_the_work", || {
+        for forget in [false, true] {
+            let sf: Arc<SingleFlight<&str, u32>> = Arc::new(SingleFlight::new());
+            let (inner, gate) = (sf.clone(), Gate::new());
+            let g = gate.clone();
+            let mut leader = Box::pin(sf.run("k", move || async move {
+                g.wait().await;
+                if forget {
+                    inner.forget("k");
+                } else {
+                    inner.set("k", 7);
+                }
+                1
+            }));
+            assert!(poll_once(leader.as_mut()).is_pending());
+            let follower = sf.run("k", || async { 2 });
+            gate.open();
+            let (a, b) = (block_on(leader), block_on(follower));
+            assert_eq!((a.value, b.value, a.epoch), (1, 1, b.epoch));
+            assert!(!sf.is_in_flight("k"));
+            let stored = sf.current("k").map(|v| v.value);
+            assert_eq!(
+                stored,
+                if forget { None } else { Some(7) },
+                "the detached result is not stored"
+            );
+            assert!(
+                format!("{sf:?}").contains("detached_in_flight: 0"),
+                "{sf:?}"
+            );
+        }
+    });
+}
