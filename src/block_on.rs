@@ -1,8 +1,10 @@
 //! Drives a future to completion on the current thread.
 //!
-//! Used only when a *blocking* follower inherits a cancelled async leader's
-//! work (DESIGN I9). The waker is an [`Event`], so under loom the wait is
-//! modelled like every other wait in the crate.
+//! How blocking callers wait: a blocking follower polls the same follower
+//! step as an async one, here; a blocking caller that inherits a cancelled
+//! async leader's work polls that work here (DESIGN I9); and the auth layer's
+//! blocking twins drive an async refresher here. The waker is an [`Event`],
+//! so under loom the wait is modelled like every other wait in the crate.
 
 use std::future::Future;
 use std::pin::pin;

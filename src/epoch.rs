@@ -60,8 +60,9 @@ impl fmt::Display for Epoch {
 /// How a caller obtained its [`Outcome`].
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 pub enum Role {
-    /// This caller ran the work: it started the flight, or it was promoted
-    /// after the flight's previous driver panicked and ran its own closure.
+    /// This caller ran its own closure: it started the flight, or it was
+    /// promoted because the flight's previous driver panicked, or was dropped
+    /// before its first poll.
     Led,
     /// This caller waited on a flight that another caller started. It may
     /// have finished polling that flight's work after the leader was

@@ -76,7 +76,9 @@ use crate::sync::{Arc, Mutex};
 /// # Locks and user code
 ///
 /// User closures, futures, and drops of `T` and `E` never run while an
-/// internal lock is held, so work may call back into the same `SingleFlight`.
+/// internal lock is held, so work may call back into the same `SingleFlight`
+/// (on other keys: work that waits for its own key's flight waits for
+/// itself, forever, as in Go).
 /// `K`'s `Hash`, `Eq`, `Clone` and `Drop`, the hasher, and `T::clone` and
 /// `E::clone` may run under a lock: keep them cheap and do not call back
 /// into the same `SingleFlight` from them.
@@ -657,7 +659,9 @@ where
         removed.value.take()
     }
 
-    /// Whether a flight for `key` is in progress.
+    /// Whether a flight for `key` is in progress. A flight detached by
+    /// [`forget`](Self::forget) or [`set`](Self::set) no longer counts,
+    /// though it still runs for its own callers.
     ///
     /// # Examples
     ///
@@ -679,7 +683,8 @@ where
         inner.get(key).is_some_and(|s| s.flight.is_some())
     }
 
-    /// How many followers wait on `key`'s flight in progress (0 if none).
+    /// How many followers wait on `key`'s flight in progress (0 if none;
+    /// followers of a detached flight are not counted).
     ///
     /// Useful to release a gate once every expected caller has joined.
     ///

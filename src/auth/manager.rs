@@ -1,7 +1,9 @@
 //! [`TokenManager`]: one credential, refreshed through a single flight.
 
+use std::any::Any;
 use std::fmt;
 use std::future::Future;
+use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
 use std::pin::Pin;
 use std::time::{Duration, Instant};
 
@@ -14,7 +16,7 @@ type RefreshResult<T, E> = Result<T, RefreshError<E>>;
 type BoxFuture<O> = Pin<Box<dyn Future<Output = O> + Send>>;
 type AsyncRefresh<T, E> = dyn Fn(Option<T>) -> BoxFuture<RefreshResult<T, E>> + Send + Sync;
 type BlockingRefresh<T, E> = dyn Fn(Option<T>) -> RefreshResult<T, E> + Send + Sync;
-type RefreshHook<T, E> = dyn Fn(&RefreshResult<T, E>) + Send + Sync;
+type RefreshHook<T, E> = dyn Fn(&RefreshEvent<'_, T, E>) + Send + Sync;
 type ExpiresAt<T> = dyn Fn(&T) -> Option<Instant> + Send + Sync;
 
 /// How long after a transient refresh failure callers get that failure at
@@ -47,6 +49,9 @@ pub const DEFAULT_COOLDOWN: Duration = Duration::from_secs(1);
 /// The token type may be `()` for clients that cannot read their credential
 /// (HttpOnly cookies in the client's cookie store): epochs alone decide.
 ///
+/// `T::clone` and `E::clone` may run while an internal lock is held; keep
+/// them cheap.
+///
 /// # Examples
 ///
 /// ```
@@ -69,7 +74,6 @@ pub const DEFAULT_COOLDOWN: Duration = Duration::from_secs(1);
 /// ```
 pub struct TokenManager<T, E> {
     core: Arc<Core<T, E>>,
-    cooldown: Duration,
     expiry: Option<Expiry<T>>,
 }
 
@@ -81,8 +85,12 @@ struct Core<T, E> {
     /// Orders sign-in, sign-out and the decisions of refresh work.
     session: Mutex<Session<E>>,
     counters: Counters,
+    cooldown: Duration,
     on_refresh: Option<Box<RefreshHook<T, E>>>,
     on_sign_out: Option<Box<dyn Fn() + Send + Sync>>,
+    /// A panic caught in a hook that ran inside a refresh, re-raised in a
+    /// caller once the refresh's result is stored (see `run_hook`).
+    hook_panic: Mutex<Option<Box<dyn Any + Send>>>,
 }
 
 enum Refresher<T, E> {
@@ -136,6 +144,21 @@ pub struct AuthStats {
     pub cooled_down: u64,
 }
 
+/// A refresh attempt, as an [`on_refresh`](TokenManager::on_refresh) hook
+/// sees it.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct RefreshEvent<'a, T, E> {
+    /// What the refresher returned.
+    pub result: &'a RefreshResult<T, E>,
+    /// Whether the refresh was for the session's current token. `false` when
+    /// [`sign_in`](TokenManager::sign_in) or
+    /// [`sign_out`](TokenManager::sign_out) superseded it while it ran: a
+    /// successful result then goes to the callers that waited for it but is
+    /// not stored, and must not be persisted as the session's credential.
+    pub current: bool,
+}
+
 /// What a token request does, decided without waiting.
 enum Plan<T, E> {
     /// Use this token now.
@@ -174,8 +197,15 @@ where
     /// A manager with no token yet: the first call fetches one with `refresh`.
     ///
     /// `refresh` gets the stale token, if there is one, and returns a new one
-    /// or a [`RefreshError`]. It is called at most once per epoch, however
-    /// many callers need a refresh.
+    /// or a [`RefreshError`]. It is called once per refresh that is needed,
+    /// however many callers need it, concurrent or late; it is called again
+    /// for the same stale token only after that attempt failed transiently
+    /// (once the cool-down passed) or panicked.
+    ///
+    /// With rotating refresh tokens, carry the refresh token inside `T` (a
+    /// struct with the access and the refresh token): the refresher then
+    /// rotates exactly the token it was handed, and a `sign_in` racing a
+    /// refresh cannot make it rotate the new session's token.
     ///
     /// Blocking callers of a manager with an async refresher
     /// ([`token_blocking`](Self::token_blocking), …) poll the refresher's
@@ -279,15 +309,16 @@ where
                 refreshing_ahead: None,
             }),
             counters: Counters::default(),
+            cooldown: DEFAULT_COOLDOWN,
             on_refresh: None,
             on_sign_out: None,
+            hook_panic: Mutex::new(None),
         };
         if let Some(token) = token {
             core.flights.set((), token);
         }
         Self {
             core: Arc::new(core),
-            cooldown: DEFAULT_COOLDOWN,
             expiry: None,
         }
     }
@@ -307,7 +338,7 @@ where
     /// # let _ = manager;
     /// ```
     pub fn with_cooldown(mut self, cooldown: Duration) -> Self {
-        self.cooldown = cooldown;
+        self.core_mut().cooldown = cooldown;
         self
     }
 
@@ -348,11 +379,26 @@ where
 
     /// Calls `hook` after every refresh attempt with its result (for example,
     /// to persist a rotated refresh token, or to log). It runs once per
-    /// refresh, on the thread that completed it, outside every lock.
+    /// refresh, outside every lock, but *inside* the refresh: the callers
+    /// waiting for it are released after the hook returns. So the hook must
+    /// not wait on this manager ([`token`](Self::token), [`send`](Self::send)
+    /// and their twins would wait for the refresh that is running the hook);
+    /// reading [`stats`](Self::stats) or [`current`](Self::current) is fine.
+    ///
+    /// Persist only results with [`current`](RefreshEvent::current) set: a
+    /// refresh superseded by `sign_in` or `sign_out` while it ran reports
+    /// `false`. (A `sign_in` that lands between the hook and the result being
+    /// stored still supersedes it; sign in from the same place that persists.)
+    ///
+    /// A panic in the hook is caught, so that the refresh's result is kept
+    /// (a panic there must not cause a second refresh with a refresh token
+    /// the server already rotated); it is re-raised in a caller of that
+    /// refresh once the result is stored.
     ///
     /// # Panics
     ///
-    /// If called while a refresh of this manager is in progress.
+    /// If a refresh of this manager is still running, which can only be the
+    /// case if a future of this manager's was leaked.
     ///
     /// # Examples
     ///
@@ -360,12 +406,16 @@ where
     /// use epochflight::auth::TokenManager;
     ///
     /// let manager: TokenManager<String, String> = TokenManager::new_blocking(|_| Ok("t".into()))
-    ///     .on_refresh(|result| println!("refreshed: {}", result.is_ok()));
+    ///     .on_refresh(|event| {
+    ///         if let (Ok(token), true) = (event.result, event.current) {
+    ///             println!("persist {token}");
+    ///         }
+    ///     });
     /// # let _ = manager;
     /// ```
     pub fn on_refresh<F>(mut self, hook: F) -> Self
     where
-        F: Fn(&RefreshResult<T, E>) + Send + Sync + 'static,
+        F: Fn(&RefreshEvent<'_, T, E>) + Send + Sync + 'static,
     {
         self.core_mut().on_refresh = Some(Box::new(hook));
         self
@@ -373,11 +423,15 @@ where
 
     /// Calls `hook` each time the session goes from signed in to signed out
     /// (a rejected refresh of the current token, or
-    /// [`sign_out`](Self::sign_out)), outside every lock.
+    /// [`sign_out`](Self::sign_out)), outside every lock. After a rejected
+    /// refresh it runs inside that refresh, with the same rules as
+    /// [`on_refresh`](Self::on_refresh): it must not wait on this manager,
+    /// and a panic in it is caught and re-raised once the refresh completed.
     ///
     /// # Panics
     ///
-    /// If called while a refresh of this manager is in progress.
+    /// If a refresh of this manager is still running, which can only be the
+    /// case if a future of this manager's was leaked.
     ///
     /// # Examples
     ///
@@ -422,22 +476,31 @@ where
     /// rotating refresh tokens, a refresh cancelled after its request was
     /// sent can leave the session needing a new sign-in, so avoid timeouts
     /// shorter than the refresh itself.
+    ///
+    /// # Panics
+    ///
+    /// A panic in the refresher propagates to the caller polling it; a caller
+    /// that was waiting for that refresh then makes a new one. A panic in a
+    /// hook is re-raised here once the refresh's result is stored (see
+    /// [`on_refresh`](Self::on_refresh)).
     pub async fn token(&self) -> Result<Versioned<T>, AuthError<E>> {
         match self.plan()? {
             Plan::Use(token) => Ok(token),
             Plan::Gate => {
                 // With no token stored the gate may start the first fetch,
                 // which the cool-down after a failed one holds back too.
-                self.check_may_refresh(Epoch::NONE)?;
+                self.check_may_refresh(Epoch::NONE, Ahead::No)?;
                 let core = &self.core;
                 let got = core
                     .flights
-                    .try_get((), || refresh(core.clone(), Epoch::NONE));
-                Ok(got.await?.into_versioned())
+                    .try_get((), || refresh(core.clone(), Epoch::NONE))
+                    .await;
+                core.resume_hook_panic();
+                Ok(got?.into_versioned())
             }
             Plan::Refresh(seen) => self.refresh_if_current(seen).await,
             Plan::RefreshAhead(token, claim) => {
-                let refreshed = self.refresh_if_current(token.epoch).await;
+                let refreshed = self.refresh(token.epoch, Ahead::Yes).await;
                 drop(claim);
                 fall_back_ahead(refreshed, token)
             }
@@ -461,16 +524,17 @@ where
             Plan::Gate => {
                 // With no token stored the gate may start the first fetch,
                 // which the cool-down after a failed one holds back too.
-                self.check_may_refresh(Epoch::NONE)?;
+                self.check_may_refresh(Epoch::NONE, Ahead::No)?;
                 let core = &self.core;
                 let got = core
                     .flights
                     .try_get_blocking((), || block_on(refresh(core.clone(), Epoch::NONE)));
+                core.resume_hook_panic();
                 Ok(got?.into_versioned())
             }
             Plan::Refresh(seen) => self.refresh_if_current_blocking(seen),
             Plan::RefreshAhead(token, claim) => {
-                let refreshed = self.refresh_if_current_blocking(token.epoch);
+                let refreshed = self.refresh_blocking(token.epoch, Ahead::Yes);
                 drop(claim);
                 fall_back_ahead(refreshed, token)
             }
@@ -492,13 +556,26 @@ where
     /// # Cancel safety
     ///
     /// As [`token`](Self::token).
+    ///
+    /// # Panics
+    ///
+    /// A panic in the refresher propagates to the caller polling it; a caller
+    /// that was waiting for that refresh then makes a new one. A panic in a
+    /// hook is re-raised here once the refresh's result is stored (see
+    /// [`on_refresh`](Self::on_refresh)).
     pub async fn refresh_if_current(&self, seen: Epoch) -> Result<Versioned<T>, AuthError<E>> {
-        self.check_may_refresh(seen)?;
+        self.refresh(seen, Ahead::No).await
+    }
+
+    async fn refresh(&self, seen: Epoch, ahead: Ahead) -> Result<Versioned<T>, AuthError<E>> {
+        self.check_may_refresh(seen, ahead)?;
         let core = &self.core;
         let refreshed = core
             .flights
-            .try_refresh_if_current((), seen, || refresh(core.clone(), seen));
-        Ok(refreshed.await?.into_versioned())
+            .try_refresh_if_current((), seen, || refresh(core.clone(), seen))
+            .await;
+        core.resume_hook_panic();
+        Ok(refreshed?.into_versioned())
     }
 
     /// Blocking [`refresh_if_current`](Self::refresh_if_current).
@@ -512,11 +589,16 @@ where
     ///
     /// As [`refresh_if_current`](Self::refresh_if_current).
     pub fn refresh_if_current_blocking(&self, seen: Epoch) -> Result<Versioned<T>, AuthError<E>> {
-        self.check_may_refresh(seen)?;
+        self.refresh_blocking(seen, Ahead::No)
+    }
+
+    fn refresh_blocking(&self, seen: Epoch, ahead: Ahead) -> Result<Versioned<T>, AuthError<E>> {
+        self.check_may_refresh(seen, ahead)?;
         let core = &self.core;
         let refreshed = core
             .flights
             .try_refresh_if_current_blocking((), seen, || block_on(refresh(core.clone(), seen)));
+        core.resume_hook_panic();
         Ok(refreshed?.into_versioned())
     }
 
@@ -540,6 +622,13 @@ where
     ///
     /// Dropping the future drops the request in progress, or withdraws from
     /// the refresh as described in [`token`](Self::token).
+    ///
+    /// # Panics
+    ///
+    /// A panic in the refresher propagates to the caller polling it; a caller
+    /// that was waiting for that refresh then makes a new one. A panic in a
+    /// hook is re-raised here once the refresh's result is stored (see
+    /// [`on_refresh`](Self::on_refresh)).
     ///
     /// # Examples
     ///
@@ -666,7 +755,10 @@ where
         drop(session);
         drop(removed);
         if was_signed_in {
-            self.core.signed_out();
+            self.core.counters.sign_outs.fetch_add(1, Ordering::Relaxed);
+            if let Some(hook) = &self.core.on_sign_out {
+                hook();
+            }
         }
     }
 
@@ -723,7 +815,7 @@ where
         if now >= expires_at {
             return Ok(Plan::Refresh(current.epoch));
         }
-        if now + expiry.refresh_ahead < expires_at {
+        if expires_at.saturating_duration_since(now) > expiry.refresh_ahead {
             return Ok(Plan::Gate);
         }
         let mut session = self.core.session.lock();
@@ -743,26 +835,41 @@ where
     /// Refuses a refresh while signed out, or during the cool-down after a
     /// transient failure (unless a newer token or a flight makes the refresh
     /// cost nothing).
-    fn check_may_refresh(&self, seen: Epoch) -> Result<(), AuthError<E>> {
-        let session = self.core.session.lock();
+    fn check_may_refresh(&self, seen: Epoch, ahead: Ahead) -> Result<(), AuthError<E>> {
+        let core = &self.core;
+        let session = core.session.lock();
         if session.signed_out {
             return Err(AuthError::SignedOut);
         }
-        let Some((failed_at, failure)) = &session.last_failure else {
-            return Ok(());
-        };
-        let flights = &self.core.flights;
+        let flights = &core.flights;
         let would_start_a_refresh = flights.epoch(&()) <= seen && !flights.is_in_flight(&());
-        if failed_at.elapsed() >= self.cooldown || !would_start_a_refresh {
-            return Ok(());
-        }
-        let failure = failure.clone();
+        let cooling = match session.cooling(core.cooldown) {
+            Some(failure) if would_start_a_refresh => failure.clone(),
+            _ => return Ok(()),
+        };
         drop(session);
-        self.core
-            .counters
-            .cooled_down
-            .fetch_add(1, Ordering::Relaxed);
-        Err(AuthError::Refresh(failure))
+        // A caller refreshing ahead falls back on its still-valid token: it
+        // is not answered with the failure.
+        if ahead == Ahead::No {
+            core.counters.cooled_down.fetch_add(1, Ordering::Relaxed);
+        }
+        Err(AuthError::Refresh(cooling))
+    }
+}
+
+/// Whether a refresh is made ahead of expiry, with a valid token to fall
+/// back on.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Ahead {
+    Yes,
+    No,
+}
+
+impl<E> Session<E> {
+    /// The last transient failure, if it is within the cool-down.
+    fn cooling(&self, cooldown: Duration) -> Option<&RefreshError<E>> {
+        let (failed_at, failure) = self.last_failure.as_ref()?;
+        (failed_at.elapsed() < cooldown).then_some(failure)
     }
 }
 
@@ -786,19 +893,30 @@ where
     T: Clone + Send + Sync + 'static,
     E: Clone + Send + Sync + 'static,
 {
-    let stale = {
+    // Decided under the session lock, which orders this with `sign_in`,
+    // `sign_out` and the recording of earlier results.
+    let (stale, cooling) = {
         let session = core.session.lock();
         if session.signed_out {
             // Signed out after this call was admitted: no network call.
             return Err(AuthError::SignedOut);
         }
-        core.flights.current(&())
+        let stale = core.flights.current(&());
+        // Checked again here: a caller admitted just before a transient
+        // failure was recorded must not make a new attempt inside the
+        // cool-down.
+        let cooling = session.cooling(core.cooldown).cloned();
+        (stale, cooling)
     };
     let base = stale.as_ref().map_or(Epoch::NONE, |s| s.epoch);
     if base > seen {
         // `sign_in` stored a newer token after this refresh was asked for.
         // Refreshing now would rotate the new session's refresh token.
         return Ok(stale.expect("a newer epoch has a value").value);
+    }
+    if let Some(failure) = cooling {
+        core.counters.cooled_down.fetch_add(1, Ordering::Relaxed);
+        return Err(AuthError::Refresh(failure));
     }
     core.counters.refresh_calls.fetch_add(1, Ordering::Relaxed);
     let stale = stale.map(|s| s.value);
@@ -813,14 +931,13 @@ where
 impl<T, E: Clone> Core<T, E> {
     /// Applies a refresh result to the session: clears or starts the
     /// cool-down, or signs out if the rejected refresh was for the token that
-    /// is still current.
+    /// is still current. Then tells the hooks.
     fn record(&self, base: Epoch, result: &RefreshResult<T, E>)
     where
         T: Clone + 'static,
         E: 'static,
     {
         let counters = &self.counters;
-        let mut signed_out_now = false;
         let mut removed = None;
         let failure = match result {
             Err(RefreshError::Transient(e)) => {
@@ -829,6 +946,9 @@ impl<T, E: Clone> Core<T, E> {
             _ => None,
         };
         let mut session = self.session.lock();
+        // A result for an older token, superseded by `sign_in` or `sign_out`
+        // while the refresh ran, says nothing about the current session.
+        let current = !session.signed_out && self.flights.epoch(&()) == base;
         let old_failure = match result {
             Ok(_) => {
                 counters.refreshes_succeeded.fetch_add(1, Ordering::Relaxed);
@@ -836,9 +956,7 @@ impl<T, E: Clone> Core<T, E> {
             }
             Err(RefreshError::Transient(_)) => {
                 counters.refreshes_failed.fetch_add(1, Ordering::Relaxed);
-                // Like a rejection, a stale failure says nothing about a
-                // newer session: only the current token's refresh cools down.
-                if self.flights.epoch(&()) == base {
+                if current {
                     std::mem::replace(&mut session.last_failure, failure)
                 } else {
                     failure
@@ -846,29 +964,52 @@ impl<T, E: Clone> Core<T, E> {
             }
             Err(RefreshError::Rejected(_)) => {
                 counters.refreshes_rejected.fetch_add(1, Ordering::Relaxed);
-                // A stale failure never signs out a newer session.
-                if !session.signed_out && self.flights.epoch(&()) == base {
+                if current {
                     session.signed_out = true;
-                    removed = self.flights.take(&());
-                    signed_out_now = true;
+                    removed = Some(self.flights.take(&()));
                 }
                 None
             }
         };
         drop(session);
+        let signed_out_now = removed.is_some();
         drop((removed, old_failure));
         if let Some(hook) = &self.on_refresh {
-            hook(result);
+            self.run_hook(|| hook(&RefreshEvent { result, current }));
         }
         if signed_out_now {
-            self.signed_out();
+            counters.sign_outs.fetch_add(1, Ordering::Relaxed);
+            if let Some(hook) = &self.on_sign_out {
+                self.run_hook(hook);
+            }
         }
     }
 
-    fn signed_out(&self) {
-        self.counters.sign_outs.fetch_add(1, Ordering::Relaxed);
-        if let Some(hook) = &self.on_sign_out {
-            hook();
+    /// Runs a hook inside a refresh. A panic there must not look like a
+    /// panic of the refresh: that would drop a result the server already
+    /// committed to (a rotated refresh token) and let a follower refresh
+    /// again with the used one. So it is caught here and re-raised by
+    /// [`resume_hook_panic`](Self::resume_hook_panic) once the result is
+    /// stored.
+    fn run_hook(&self, hook: impl FnOnce()) {
+        if let Err(panic) = catch_unwind(AssertUnwindSafe(hook)) {
+            let mut slot = self.hook_panic.lock();
+            let extra = if slot.is_none() {
+                *slot = Some(panic);
+                None
+            } else {
+                Some(panic)
+            };
+            drop(slot);
+            drop(extra);
+        }
+    }
+
+    /// Re-raises a hook's panic in a caller of the refresh it ran in.
+    fn resume_hook_panic(&self) {
+        let panic = self.hook_panic.lock().take();
+        if let Some(panic) = panic {
+            resume_unwind(panic);
         }
     }
 }
@@ -883,7 +1024,7 @@ where
             .field("epoch", &self.epoch())
             .field("signed_out", &self.is_signed_out())
             .field("refreshing", &self.is_refreshing())
-            .field("cooldown", &self.cooldown)
+            .field("cooldown", &self.core.cooldown)
             .field(
                 "refresh_ahead",
                 &self.expiry.as_ref().map(|e| e.refresh_ahead),

@@ -55,7 +55,7 @@ mod layer;
 mod middleware;
 
 pub use error::{AuthError, RefreshError};
-pub use manager::{AuthStats, DEFAULT_COOLDOWN, TokenManager};
+pub use manager::{AuthStats, DEFAULT_COOLDOWN, RefreshEvent, TokenManager};
 
 #[cfg(feature = "http")]
 pub use classify::{Verdict, classify, classify_response};
