@@ -37,8 +37,6 @@ use epochflight::{Role, SingleFlight};
 
 /// The one key of the single-key scenarios.
 const KEY: u64 = 7;
-/// The work in `burst`: this many `yield_now`s.
-const BURST_YIELDS: usize = 4;
 
 /// The baseline: what a flight costs at least in a lock-and-map design.
 type Bare = Mutex<HashMap<u64, ()>>;
@@ -476,12 +474,15 @@ fn keys(c: &mut Criterion) {
 }
 
 // ---------------------------------------------------------------------------
-// 4. burst: n tasks on one key spawned at once, no fence; the work is a few
-// yields. How many times the work runs per batch is printed per row.
+// 4. burst: n tasks on one key spawned at once. No fence on registration:
+// the work simply outlasts the burst, running until every task has made its
+// call. A crate that registers callers as they call runs it once; one that
+// registers them later (behind an async lock) runs it again for callers that
+// arrive while it finishes. Executions per batch are printed per row.
 
-async fn busy(executions: Arc<AtomicUsize>) -> u64 {
+async fn busy(executions: Arc<AtomicUsize>, called: Arc<AtomicUsize>, n: usize) -> u64 {
     executions.fetch_add(1, Ordering::Relaxed);
-    for _ in 0..BURST_YIELDS {
+    while called.load(Ordering::Relaxed) < n {
         tokio::task::yield_now().await;
     }
     1
@@ -489,10 +490,19 @@ async fn busy(executions: Arc<AtomicUsize>) -> u64 {
 
 async fn burst_flights<V: Flights>(flights: Arc<V>, n: usize) -> usize {
     let executions = Arc::new(AtomicUsize::new(0));
+    let called = Arc::new(AtomicUsize::new(0));
     spawn_all(n, |_| {
-        let (flights, executions) = (flights.clone(), executions.clone());
+        let (flights, executions, called) = (flights.clone(), executions.clone(), called.clone());
         async move {
-            black_box(flights.call(KEY, move || busy(executions)).await);
+            let work = {
+                let called = called.clone();
+                move || busy(executions, called, n)
+            };
+            // The call is made here; when the caller registers is up to the
+            // crate (epochflight: now; others: on the first poll).
+            let call = flights.call(KEY, work);
+            called.fetch_add(1, Ordering::Relaxed);
+            black_box(call.await);
         }
     })
     .await;
@@ -502,10 +512,12 @@ async fn burst_flights<V: Flights>(flights: Arc<V>, n: usize) -> usize {
 /// Every task runs the work itself: what the burst costs without coalescing.
 async fn burst_unshared(n: usize) -> usize {
     let executions = Arc::new(AtomicUsize::new(0));
+    let called = Arc::new(AtomicUsize::new(0));
     spawn_all(n, |_| {
-        let executions = executions.clone();
+        let (executions, called) = (executions.clone(), called.clone());
         async move {
-            black_box(busy(executions).await);
+            called.fetch_add(1, Ordering::Relaxed);
+            black_box(busy(executions, called, n).await);
         }
     })
     .await;
