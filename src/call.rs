@@ -46,7 +46,20 @@ where
     }
 }
 
-enum State<'a, K, T, E, S, W>
+/// A call's progress, with the caller's closure beside it until used.
+struct Machine<'a, K, T, E, S, W>
+where
+    K: Hash + Eq + Clone,
+    T: Clone + 'static,
+    E: Clone + 'static,
+    S: BuildHasher,
+{
+    state: State<'a, K, T, E, S>,
+    /// Makes the work if this caller leads or is promoted.
+    make: Option<W>,
+}
+
+enum State<'a, K, T, E, S>
 where
     K: Hash + Eq + Clone,
     T: Clone + 'static,
@@ -54,16 +67,15 @@ where
     S: BuildHasher,
 {
     Reused(Versioned<T>),
-    /// Leads; the work is made on the first poll.
-    Lead(Driver<'a, K, T, E, S>, W),
-    /// Follows; keeps its own closure in case it is promoted.
-    Join(Waiter<'a, K, T, E, S>, W),
-    /// Runs the flight's work, in this role.
+    /// Follows.
+    Join(Waiter<'a, K, T, E, S>),
+    /// Runs the flight's work, in this role. A leader's driver has no work
+    /// until the first poll makes it: the leader is driven in place.
     Drive(Driver<'a, K, T, E, S>, Role),
     Finished,
 }
 
-impl<'a, K, T, E, S, W> State<'a, K, T, E, S, W>
+impl<'a, K, T, E, S, W> Machine<'a, K, T, E, S, W>
 where
     K: Hash + Eq + Clone,
     T: Clone + 'static,
@@ -72,59 +84,59 @@ where
     W: MakeWork<T, E>,
 {
     fn new(entry: Entry<'a, K, T, E, S>, make: W) -> Self {
-        match entry {
-            Entry::Reused(value) => State::Reused(value),
-            Entry::Lead(driver) => State::Lead(driver, make),
-            Entry::Join(waiter) => State::Join(waiter, make),
-        }
+        let (state, make) = match entry {
+            Entry::Reused(value) => (State::Reused(value), None),
+            Entry::Lead(driver) => (State::Drive(driver, Role::Led), Some(make)),
+            Entry::Join(waiter) => (State::Join(waiter), Some(make)),
+        };
+        Self { state, make }
     }
 
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Result<Outcome<T>, E>> {
         loop {
-            // The states that wait are polled in place; the others are moved
-            // out to change state. After a panic in user code the driver
-            // stays here until the future is dropped; it knows it was busy,
-            // so its drop hands the flight on as after a panic.
-            match self {
+            // Every state is polled in place. After a panic in user code the
+            // driver stays here until the future is dropped; it knows it was
+            // busy, so its drop hands the flight on as after a panic.
+            match &mut self.state {
                 State::Drive(driver, role) => {
+                    if !driver.has_work() {
+                        let make = self
+                            .make
+                            .take()
+                            .expect("an epochflight call was polled after it panicked");
+                        driver.start(|| make.make());
+                    }
                     let role = *role;
                     let result = ready!(driver.poll_work(cx));
-                    *self = State::Finished;
+                    self.state = State::Finished;
                     return Poll::Ready(with_role(result, role));
                 }
-                State::Join(waiter, _) => {
-                    let next = ready!(waiter.poll_step(cx));
-                    let State::Join(_, make) = mem::replace(self, State::Finished) else {
-                        unreachable!("matched above");
-                    };
-                    match next {
-                        Next::Reused(v) => {
-                            return Poll::Ready(Ok(Outcome::new(v.value, v.epoch, Role::Reused)));
-                        }
-                        Next::Done(result) => return Poll::Ready(with_role(result, Role::Joined)),
-                        Next::Adopt(driver) => *self = State::Drive(driver, Role::Joined),
-                        Next::Promote(mut driver) => {
-                            driver.start(|| make.make());
-                            *self = State::Drive(driver, Role::Led);
-                        }
-                    }
-                }
-                _ => match mem::replace(self, State::Finished) {
-                    State::Reused(v) => {
+                State::Join(waiter) => match ready!(waiter.poll_step(cx)) {
+                    Next::Reused(v) => {
+                        self.state = State::Finished;
                         return Poll::Ready(Ok(Outcome::new(v.value, v.epoch, Role::Reused)));
                     }
-                    State::Lead(mut driver, make) => {
-                        driver.start(|| make.make());
-                        *self = State::Drive(driver, Role::Led);
+                    Next::Done(result) => {
+                        self.state = State::Finished;
+                        return Poll::Ready(with_role(result, Role::Joined));
                     }
-                    _ => panic!("an epochflight call was polled after it completed"),
+                    Next::Adopt(driver) => self.state = State::Drive(driver, Role::Joined),
+                    // Its work is made on the next turn of the loop.
+                    Next::Promote(driver) => self.state = State::Drive(driver, Role::Led),
                 },
+                State::Reused(_) => {
+                    let State::Reused(v) = mem::replace(&mut self.state, State::Finished) else {
+                        unreachable!("matched above");
+                    };
+                    return Poll::Ready(Ok(Outcome::new(v.value, v.epoch, Role::Reused)));
+                }
+                State::Finished => panic!("an epochflight call was polled after it completed"),
             }
         }
     }
 }
 
-impl<K, T, E, S, W> State<'_, K, T, E, S, W>
+impl<K, T, E, S, W> Machine<'_, K, T, E, S, W>
 where
     K: Hash + Eq + Clone,
     T: Clone + 'static,
@@ -132,9 +144,8 @@ where
     S: BuildHasher,
 {
     fn name(&self) -> &'static str {
-        match self {
+        match &self.state {
             State::Reused(_) => "Reused",
-            State::Lead(..) => "Lead",
             State::Join(..) => "Join",
             State::Drive(_, Role::Led) => "Lead",
             State::Drive(..) => "Drive",
@@ -159,7 +170,7 @@ where
     E: Clone + 'static,
     S: BuildHasher,
 {
-    state: State<'a, K, T, E, S, Fallible<F>>,
+    state: Machine<'a, K, T, E, S, Fallible<F>>,
 }
 
 impl<'a, K, T, E, S, F, Fut> TryCall<'a, K, T, E, S, F>
@@ -173,7 +184,7 @@ where
 {
     pub(crate) fn new(entry: Entry<'a, K, T, E, S>, f: F) -> Self {
         Self {
-            state: State::new(entry, Fallible(f)),
+            state: Machine::new(entry, Fallible(f)),
         }
     }
 }
@@ -233,7 +244,7 @@ where
     T: Clone + 'static,
     S: BuildHasher,
 {
-    state: State<'a, K, T, Infallible, S, Infallibly<F>>,
+    state: Machine<'a, K, T, Infallible, S, Infallibly<F>>,
 }
 
 impl<'a, K, T, S, F, Fut> Call<'a, K, T, S, F>
@@ -246,7 +257,7 @@ where
 {
     pub(crate) fn new(entry: Entry<'a, K, T, Infallible, S>, f: F) -> Self {
         Self {
-            state: State::new(entry, Infallibly(f)),
+            state: Machine::new(entry, Infallibly(f)),
         }
     }
 }

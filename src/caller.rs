@@ -118,6 +118,11 @@ where
         }
     }
 
+    /// Whether the work exists (made, or adopted).
+    pub(crate) fn has_work(&self) -> bool {
+        self.work.is_some()
+    }
+
     /// Calls the caller's closure to create the work.
     pub(crate) fn start(&mut self, make_work: impl FnOnce() -> Work<T, E>) {
         self.busy = true;
