@@ -160,17 +160,15 @@ where
     /// Stores the result (if the map still holds this flight) and publishes
     /// it to the followers.
     fn finish(&mut self, result: Result<T, E>) -> Finished<T, E> {
-        // `complete_flight` clones before it changes anything: if `T::clone`
-        // panics there, this driver is still unfinished, and its drop hands
-        // the flight on as after a panic in the work.
-        let (finished, flight) = self.sf.complete_flight(&self.key, self.at, self.id, result);
+        // `complete_flight` makes every clone before it changes anything: if
+        // `T::clone` panics there, this driver is still unfinished, and its
+        // drop hands the flight on as after a panic in the work.
+        let own = self.flight.as_ref();
+        let (finished, publish) = self
+            .sf
+            .complete_flight(&self.key, self.at, self.id, own, result);
         self.finished = true;
-        if let Some(flight) = flight.or_else(|| self.flight.take()) {
-            // The flight is unhooked now: if cloning for the followers
-            // panics, they must not be left waiting.
-            let vacate = VacateOnUnwind(Some(&flight));
-            let published = finished.clone();
-            vacate.disarm();
+        if let Some((flight, published)) = publish {
             flight.complete(published);
         }
         finished
@@ -191,34 +189,19 @@ where
         // Panicked: the work is broken, drop it; a follower starts over.
         // Cancelled: hand the work, already started, to a follower.
         let work = self.work.take();
-        let (handed, broken) = if self.busy {
-            (None, work)
+        let handed = if self.busy {
+            // Dropped before the flight is handed on: a promoted follower's
+            // work must not start while this one's destructor still runs (I1).
+            drop(work);
+            None
         } else {
-            (work, None)
+            work
         };
         let leftover =
             self.sf
                 .abandon_flight(&self.key, self.at, self.id, self.flight.take(), handed);
         // User futures are dropped here, after every lock is released.
         drop(leftover);
-        drop(broken);
-    }
-}
-
-/// Vacates a finished flight whose result could not be published.
-struct VacateOnUnwind<'f, T, E>(Option<&'f Flight<T, E>>);
-
-impl<T, E> VacateOnUnwind<'_, T, E> {
-    fn disarm(mut self) {
-        self.0 = None;
-    }
-}
-
-impl<T, E> Drop for VacateOnUnwind<'_, T, E> {
-    fn drop(&mut self) {
-        if let Some(flight) = self.0 {
-            flight.vacate();
-        }
     }
 }
 

@@ -261,20 +261,6 @@ impl<T, E> Flight<T, E> {
         drop((replaced, wake));
     }
 
-    /// The driver finished but could not publish its result (cloning it
-    /// panicked): the followers must not wait forever. One of them starts
-    /// over, as after a panic in the work.
-    pub(crate) fn vacate(&self) {
-        let mut state = self.state.lock();
-        if matches!(state.phase, Phase::Done(_)) || state.waiters == 0 {
-            return;
-        }
-        state.phase = Phase::Vacant;
-        let wake = state.wakers.take();
-        drop(state);
-        drop(wake);
-    }
-
     /// The driver gives up without a result: cancelled (`work` is `Some`, to
     /// be continued) or panicked (`None`, a follower must start over).
     ///

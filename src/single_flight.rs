@@ -97,8 +97,8 @@ pub(crate) enum Mode {
     Get,
 }
 
-/// A flight's state shared with its followers.
-pub(crate) type SharedFlight<T, E> = Arc<Flight<T, E>>;
+/// A finished flight's shared state and the followers' copy of its result.
+pub(crate) type Publish<T, E> = (Arc<Flight<T, E>>, Finished<T, E>);
 
 /// Things to drop once the map lock is released (DESIGN I8).
 #[must_use]
@@ -226,15 +226,24 @@ where
         key: &K,
         at: SlotId,
         id: FlightId,
+        own: Option<&Arc<Flight<T, E>>>,
         result: Result<T, E>,
-    ) -> (Finished<T, E>, Option<SharedFlight<T, E>>) {
-        // Clone outside the lock; wasted only if the flight was detached.
+    ) -> (Finished<T, E>, Option<Publish<T, E>>) {
+        // Every user clone happens before anything changes, so that a panic
+        // in `T::clone` or `E::clone` leaves the flight as it was, and its
+        // unfinished driver hands it on. The stored copy is made unlocked.
         let copy = result.as_ref().ok().cloned();
         let mut replaced = None;
         let mut removed = None;
         let mut inner = self.inner.lock();
-        let found = inner.take_flight(at, id);
         let finished = result.map(|value| (value, inner.next_epoch()));
+        // The followers' copy, only if there are followers (never on the
+        // uncontended path); `T::clone` under the map lock is documented.
+        let publish = match inner.find_flight(at, id).or_else(|| own.cloned()) {
+            Some(flight) => Some((flight, finished.clone())),
+            None => None,
+        };
+        let found = inner.take_flight(at, id);
         if found.attached {
             let slot = inner.at_mut(at).expect("an attached flight has its slot");
             match (&finished, copy) {
@@ -246,8 +255,8 @@ where
             }
         }
         drop(inner);
-        drop((replaced, removed));
-        (finished, found.shared)
+        drop((replaced, removed, found.shared));
+        (finished, publish)
     }
 
     /// A driver gave up (cancelled or panicked): hand the flight to a

@@ -128,39 +128,62 @@ impl Clone for Countdown {
     }
 }
 
-/// A panic in `T::clone` while the result is published to followers: the
-/// followers are not stranded; one of them starts over.
+/// A panic in `T::clone` while the result is copied for the followers: the
+/// copy is made before anything changes, so the flight stays the key's and a
+/// follower takes it over. A caller arriving meanwhile joins that flight: no
+/// second flight's work runs beside it (I1).
 #[test]
-fn clone_panic_while_publishing_does_not_strand_followers() {
-    with_timeout(
-        "clone_panic_while_publishing_does_not_strand_followers",
-        || {
-            let sf: Arc<SingleFlight<&str, Countdown>> = Arc::new(SingleFlight::new());
-            let left = Arc::new(AtomicIsize::new(isize::MAX));
-            let gate = Gate::new();
-            let (l, g) = (left.clone(), gate.clone());
-            let mut leader = Box::pin(sf.run("k", move || async move {
-                g.wait().await;
-                // 1st clone: the stored copy; 2nd: the followers' copy.
-                l.store(2, Ordering::SeqCst);
-                Countdown(l)
-            }));
-            assert!(poll_once(leader.as_mut()).is_pending());
-            let follower = {
-                let (sf, left) = (sf.clone(), left.clone());
-                std::thread::spawn(move || sf.run_blocking("k", move || Countdown(left)).role)
-            };
-            until_blocking(|| sf.waiters("k") == 1);
-            gate.open();
-            assert!(catch_unwind(AssertUnwindSafe(|| block_on(leader))).is_err());
-            left.store(isize::MAX, Ordering::SeqCst);
-            assert_eq!(
-                follower.join().unwrap(),
-                Role::Led,
-                "promoted, not stranded"
+fn clone_panic_while_publishing_keeps_one_flight() {
+    with_timeout("clone_panic_while_publishing_keeps_one_flight", || {
+        let sf: Arc<SingleFlight<&str, Countdown>> = Arc::new(SingleFlight::new());
+        let left = Arc::new(AtomicIsize::new(isize::MAX));
+        let (gate, follower_gate) = (Gate::new(), Gate::new());
+        let running = Arc::new(AtomicUsize::new(0));
+        let (l, g) = (left.clone(), gate.clone());
+        let mut leader = Box::pin(sf.run("k", move || async move {
+            g.wait().await;
+            // 1st clone: the stored copy; 2nd: the followers' copy.
+            l.store(2, Ordering::SeqCst);
+            Countdown(l)
+        }));
+        assert!(poll_once(leader.as_mut()).is_pending());
+        let follower = {
+            let (sf, left, gate, running) = (
+                sf.clone(),
+                left.clone(),
+                follower_gate.clone(),
+                running.clone(),
             );
-        },
-    );
+            std::thread::spawn(move || {
+                sf.run_blocking("k", move || {
+                    running.fetch_add(1, Ordering::SeqCst);
+                    gate.wait_blocking();
+                    Countdown(left)
+                })
+            })
+        };
+        until_blocking(|| sf.waiters("k") == 1);
+        gate.open();
+        assert!(catch_unwind(AssertUnwindSafe(|| block_on(leader))).is_err());
+        left.store(isize::MAX, Ordering::SeqCst);
+        // The follower was promoted and runs its own work, on the key's flight.
+        until_blocking(|| running.load(Ordering::SeqCst) == 1);
+        assert!(sf.is_in_flight("k"), "the flight is still the key's");
+        let late = sf.run("k", || async {
+            unreachable!("a second flight for the key")
+        });
+        assert_eq!(sf.waiters("k"), 1, "a new caller joins the running flight");
+        follower_gate.open();
+        let promoted = follower.join().unwrap();
+        let joined = block_on(late);
+        assert_eq!((promoted.role, joined.role), (Role::Led, Role::Joined));
+        assert_eq!(promoted.epoch, joined.epoch);
+        assert_eq!(
+            sf.current("k").unwrap().epoch,
+            promoted.epoch,
+            "its result is stored"
+        );
+    });
 }
 
 /// `set` and `forget` from inside the work of the same key, with a follower
