@@ -239,10 +239,10 @@ where
         let finished = result.map(|value| (value, inner.next_epoch()));
         // The followers' copy, only if there are followers (never on the
         // uncontended path); `T::clone` under the map lock is documented.
-        let publish = match inner.find_flight(at, id).or_else(|| own.cloned()) {
-            Some(flight) => Some((flight, finished.clone())),
-            None => None,
-        };
+        let publish = inner
+            .find_flight(at, id)
+            .or_else(|| own.cloned())
+            .map(|flight| (flight, finished.clone()));
         let found = inner.take_flight(at, id);
         if found.attached {
             let slot = inner.at_mut(at).expect("an attached flight has its slot");
