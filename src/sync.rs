@@ -42,5 +42,6 @@ mod mocked {
 }
 
 /// `std`'s `Arc` in every build: a [`Waker`](std::task::Waker) can only be
-/// made from it. Reference counts are not part of what loom checks here.
+/// made from it, and the HTTP integrations take the user's manager in one.
+/// Reference counts are not part of what loom checks here.
 pub(crate) use std::sync::Arc as StdArc;

@@ -2,7 +2,7 @@
 //! how a token goes on a request, the marker that bypasses them, and the
 //! note they leave on an unauthorized response they did not send again.
 
-use std::sync::Arc;
+use crate::sync::StdArc as Arc;
 
 use http::header::AUTHORIZATION;
 use http::{HeaderMap, HeaderValue};

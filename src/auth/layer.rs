@@ -2,12 +2,12 @@
 //! [`Service`] over [`http`] requests (hyper-util's client, tonic channels,
 //! `tower::ServiceBuilder` stacks).
 
+use crate::sync::StdArc as Arc;
 use std::borrow::Cow;
 use std::error::Error;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;

@@ -1,8 +1,8 @@
 //! [`AuthMiddleware`]: `401 → refresh → retry` as a `reqwest-middleware`
 //! middleware.
 
+use crate::sync::StdArc as Arc;
 use std::fmt;
-use std::sync::Arc;
 
 use http::Extensions;
 use reqwest::{Request, Response};
