@@ -1,6 +1,7 @@
 //! The async contract of `SingleFlight`, every scenario on tokio (multi-thread)
 //! and on smol. Interleavings are forced with gates and counted waiters.
 
+#[macro_use]
 mod common;
 
 use std::sync::Arc;
@@ -581,17 +582,6 @@ fn work_may_reenter_the_same_instance(rt: Rt) {
         assert_eq!(out.value, 5);
         assert_eq!(sf.current("nested-blocking").unwrap().value, 5);
     });
-}
-
-macro_rules! on_every_runtime {
-    ($($scenario:ident),* $(,)?) => {
-        mod tokio_rt {
-            $( #[test] fn $scenario() { super::$scenario(super::Rt::Tokio) } )*
-        }
-        mod smol_rt {
-            $( #[test] fn $scenario() { super::$scenario(super::Rt::Smol) } )*
-        }
-    };
 }
 
 on_every_runtime!(

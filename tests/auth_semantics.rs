@@ -3,6 +3,7 @@
 //! gates, so every interleaving a test claims is forced, never slept into.
 //! Every async scenario runs on tokio (multi-thread) and on smol.
 
+#[macro_use]
 mod common;
 
 use std::collections::VecDeque;
@@ -1145,17 +1146,6 @@ fn on_refresh_sees_each_result_once(rt: Rt) {
         assert_eq!(m.stats().refresh_calls, 3);
         assert_eq!(script.calls(), 3);
     });
-}
-
-macro_rules! on_every_runtime {
-    ($($scenario:ident),* $(,)?) => {
-        mod tokio_rt {
-            $( #[test] fn $scenario() { super::$scenario(super::Rt::Tokio) } )*
-        }
-        mod smol_rt {
-            $( #[test] fn $scenario() { super::$scenario(super::Rt::Smol) } )*
-        }
-    };
 }
 
 on_every_runtime!(

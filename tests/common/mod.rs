@@ -36,6 +36,20 @@ pub fn with_timeout<R: Send + 'static>(name: &str, body: impl FnOnce() -> R + Se
     }
 }
 
+/// Makes one `#[test]` per runtime for each scenario `fn name(rt: Rt)`:
+/// `tokio_rt::name` and `smol_rt::name`. Use with `#[macro_use] mod common;`.
+#[allow(unused_macros)]
+macro_rules! on_every_runtime {
+    ($($scenario:ident),* $(,)?) => {
+        mod tokio_rt {
+            $( #[test] fn $scenario() { super::$scenario(super::Rt::Tokio) } )*
+        }
+        mod smol_rt {
+            $( #[test] fn $scenario() { super::$scenario(super::Rt::Smol) } )*
+        }
+    };
+}
+
 /// The async runtimes every async scenario runs on.
 #[derive(Clone, Copy, Debug)]
 pub enum Rt {
