@@ -518,6 +518,10 @@ where
     /// # Errors
     ///
     /// As [`token`](Self::token).
+    ///
+    /// # Panics
+    ///
+    /// As [`token`](Self::token).
     pub fn token_blocking(&self) -> Result<Versioned<T>, AuthError<E>> {
         match self.plan()? {
             Plan::Use(token) => Ok(token),
@@ -586,6 +590,10 @@ where
     /// [`token_blocking`](Self::token_blocking).
     ///
     /// # Errors
+    ///
+    /// As [`refresh_if_current`](Self::refresh_if_current).
+    ///
+    /// # Panics
     ///
     /// As [`refresh_if_current`](Self::refresh_if_current).
     pub fn refresh_if_current_blocking(&self, seen: Epoch) -> Result<Versioned<T>, AuthError<E>> {
@@ -677,6 +685,10 @@ where
     /// [`token_blocking`](Self::token_blocking).
     ///
     /// # Errors
+    ///
+    /// As [`send`](Self::send).
+    ///
+    /// # Panics
     ///
     /// As [`send`](Self::send).
     ///
