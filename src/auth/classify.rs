@@ -155,7 +155,7 @@ impl Challenge {
 ///
 /// Commas separate both challenges and parameters: a token followed by `=`
 /// is a parameter of the current challenge, any other token starts the next
-/// challenge. Stops at the first syntax error, keeping what it read.
+/// challenge. Malformed parameters are skipped (see `Cursor::params`).
 fn parse_challenges(value: &str, out: &mut Vec<Challenge>) {
     let mut p = Cursor {
         s: value.as_bytes(),
@@ -175,9 +175,8 @@ fn parse_challenges(value: &str, out: &mut Vec<Challenge>) {
         };
         let spaced = p.skip_ws();
         let ends_here = matches!(p.peek(), None | Some(b','));
-        if spaced && !ends_here && !p.token68() && p.params(&mut challenge.params).is_err() {
-            out.push(challenge);
-            return;
+        if spaced && !ends_here && !p.token68() {
+            p.params(&mut challenge.params);
         }
         out.push(challenge);
     }
@@ -251,39 +250,77 @@ impl<'a> Cursor<'a> {
         false
     }
 
-    /// `#auth-param`, up to the next challenge (or the end). `Err` on a
-    /// syntax error.
-    fn params(&mut self, params: &mut Vec<(String, String)>) -> Result<(), ()> {
+    /// `#auth-param`, up to the next challenge (or the end). Lenient, since
+    /// a misread `error` would refresh (and rotate a refresh token) for a
+    /// response that does not blame the token: a malformed parameter is
+    /// skipped up to the next comma, and a parameter that follows another
+    /// without a comma is still read.
+    fn params(&mut self, params: &mut Vec<(String, String)>) {
         loop {
             let start = self.i;
             let Some(name) = self.token() else {
-                return if self.at_end() { Ok(()) } else { Err(()) };
+                if self.resync() {
+                    continue;
+                }
+                return;
             };
             self.skip_ws();
             if !self.eat(b'=') {
                 // Not a parameter: the scheme of the next challenge.
                 self.i = start;
-                return Ok(());
+                return;
             }
             self.skip_ws();
             let value = if self.peek() == Some(b'"') {
-                self.quoted_string()?
+                self.quoted_string().ok()
             } else {
-                self.token().ok_or(())?.to_owned()
+                self.token().map(str::to_owned)
             };
-            params.push((name.to_ascii_lowercase(), value));
+            match value {
+                Some(value) => params.push((name.to_ascii_lowercase(), value)),
+                None if self.resync() => continue,
+                None => return,
+            }
             self.skip_ws();
-            if self.at_end() {
-                return Ok(());
+            if self.eat(b',') {
+                self.skip_list_separators();
+            } else if !self.at_end() && !self.parameter_follows() && !self.resync() {
+                return;
             }
-            if !self.eat(b',') {
-                return Err(());
-            }
-            self.skip_list_separators();
             if self.at_end() {
-                return Ok(());
+                return;
             }
         }
+    }
+
+    /// Whether `token =` stands here (consumes nothing).
+    fn parameter_follows(&mut self) -> bool {
+        let start = self.i;
+        let follows = self.token().is_some() && {
+            self.skip_ws();
+            self.peek() == Some(b'=')
+        };
+        self.i = start;
+        follows
+    }
+
+    /// Skips past the next comma outside a quoted string; `false` if there is
+    /// none (the rest of the value is unreadable).
+    fn resync(&mut self) -> bool {
+        let mut quoted = false;
+        while let Some(byte) = self.peek() {
+            self.i += 1;
+            match byte {
+                b'\\' if quoted => self.i += 1,
+                b'"' => quoted = !quoted,
+                b',' if !quoted => {
+                    self.skip_list_separators();
+                    return !self.at_end();
+                }
+                _ => {}
+            }
+        }
+        false
     }
 
     /// A `quoted-string`, unescaped.
@@ -392,6 +429,31 @@ mod tests {
         assert_eq!(
             parse(r#"Bearer error="x" junk"#),
             [challenge("Bearer", &[("error", "x")])]
+        );
+        // A malformed parameter does not hide the ones after it.
+        assert_eq!(
+            parse(r#"Bearer realm=api.example.com/v1, error="insufficient_scope""#),
+            [challenge(
+                "Bearer",
+                &[
+                    ("realm", "api.example.com"),
+                    ("error", "insufficient_scope")
+                ]
+            )]
+        );
+        assert_eq!(
+            parse(r#"Bearer realm="api" error="insufficient_scope""#),
+            [challenge(
+                "Bearer",
+                &[("realm", "api"), ("error", "insufficient_scope")]
+            )]
+        );
+        assert_eq!(
+            parse(r#"Bearer error_uri=https://x.example/e, error="insufficient_scope""#),
+            [challenge(
+                "Bearer",
+                &[("error_uri", "https"), ("error", "insufficient_scope")]
+            )]
         );
         assert_eq!(parse("\"quoted\" Bearer"), []);
     }

@@ -184,9 +184,10 @@ pub enum NotReplayedReason {
     /// (tower: `ReplayBody::try_clone_body` returned `None`; reqwest:
     /// `reqwest::Request::try_clone` returned `None`).
     ///
-    /// The token was still refreshed (only if the one used was current)
-    /// before this response was returned, so sending the request again with
-    /// a new body uses the new token.
+    /// A refresh was still made (only if the token used was current) before
+    /// this response was returned, so sending the request again with a new
+    /// body uses the new token. If that refresh failed, the response's
+    /// extensions also hold its `AuthError<E>`.
     BodyNotReplayable,
     /// This is the response to the replay: the request was sent again once
     /// with a new token, and that was refused too. Never a loop.

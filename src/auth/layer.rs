@@ -1,5 +1,5 @@
 //! [`AuthLayer`]: `401 → refresh → retry` as tower middleware, for any
-//! [`Service`] over [`http`] requests (hyper-util's client, tonic channels,
+//! [`Service`] over [`http`] requests (hyper-util's client,
 //! `tower::ServiceBuilder` stacks).
 
 use crate::sync::StdArc as Arc;
@@ -52,8 +52,10 @@ type ClassifyFn = dyn Fn(&response::Parts) -> bool + Send + Sync;
 ///   ([`ReplayBody`]). A body that cannot be copied (a stream) is sent once:
 ///   its unauthorized response is returned as is, with
 ///   [`NotReplayed`]`{ reason: `[`BodyNotReplayable`](NotReplayedReason::BodyNotReplayable)` }`
-///   in its extensions (the token is still refreshed first, so sending it
-///   again with a new body uses the new token).
+///   in its extensions. The token is still refreshed first (if the one used
+///   was current), so sending the request again with a new body uses the new
+///   token; if that refresh failed, its [`AuthError`] is in the extensions
+///   too.
 /// - **Non-idempotent methods are replayed too** (`POST`, `PATCH`, …): a
 ///   server that answers `401` rejected the request before acting on it.
 ///   If your server acts first and checks the token afterwards, classify its
@@ -216,11 +218,15 @@ impl<S, T, E> Layer<S> for AuthLayer<T, E> {
 /// The [`Service`] an [`AuthLayer`] wraps around an inner service; see
 /// [`AuthLayer`] for what it does.
 ///
-/// It follows tower's readiness contract: `poll_ready` is the inner
-/// service's; `call` moves the inner service that was made ready into the
-/// response future (leaving a clone in its place), and polls it ready again
-/// before a replay. The inner service must therefore be [`Clone`] (hyper-util's
-/// client, tonic's channel and `tower::buffer::Buffer` are).
+/// Readiness: `poll_ready` is always ready; each call clones the inner
+/// service and polls *that* ready after the request gate, before each attempt.
+/// A reservation of the inner service (a `ConcurrencyLimit` permit, a
+/// `Buffer` slot) is therefore never held while a request waits for a
+/// refresh, which may itself need one (a refresher sending through the same
+/// stack with [`SkipAuth`](super::SkipAuth)). The cost: the inner service's
+/// backpressure shows in the response future, not in this `poll_ready`. The
+/// inner service must be [`Clone`] (hyper-util's client and
+/// `tower::buffer::Buffer` are).
 ///
 /// Available with the `tower` feature.
 pub struct AuthService<S, T, E> {
@@ -281,20 +287,23 @@ where
     type Error = ServiceError<S::Error, E>;
     type Future = ResponseFuture<Response<ResBody>, ServiceError<S::Error, E>>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx).map_err(ServiceError::Service)
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // Readiness of the inner service is awaited in the future, after the
+        // request gate: a reservation (permit, buffer slot) must not be held
+        // while waiting for a refresh that may need one itself.
+        Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
+        let mut inner = self.inner.clone();
         if request.extensions().get::<SkipAuth>().is_some() {
-            let response = self.inner.call(request);
-            return ResponseFuture::new(
-                async move { response.await.map_err(ServiceError::Service) },
-            );
+            return ResponseFuture::new(async move {
+                std::future::poll_fn(|cx| inner.poll_ready(cx))
+                    .await
+                    .map_err(ServiceError::Service)?;
+                inner.call(request).await.map_err(ServiceError::Service)
+            });
         }
-        // The ready service goes into the future; a clone stays, not ready.
-        let clone = self.inner.clone();
-        let inner = std::mem::replace(&mut self.inner, clone);
         ResponseFuture::new(authorized(inner, self.config.clone(), request))
     }
 }
@@ -317,7 +326,9 @@ where
     let (head, body) = request.into_parts();
     let replay = body.try_clone_body().map(|copy| (head.clone(), copy));
     let first = with_token(&config, &token.value, head, body);
-    // `inner` was made ready by our caller's `poll_ready`.
+    std::future::poll_fn(|cx| inner.poll_ready(cx))
+        .await
+        .map_err(ServiceError::Service)?;
     let (mut head, body) = inner
         .call(first)
         .await
@@ -328,7 +339,10 @@ where
     }
     let Some((request_head, request_body)) = replay else {
         // Refresh anyway, so that the caller's own retry uses a new token.
-        manager.refresh_if_current(token.epoch).await?;
+        // The response is returned whatever that refresh gives: never lost.
+        if let Err(failed) = manager.refresh_if_current(token.epoch).await {
+            head.extensions.insert(failed);
+        }
         let reason = NotReplayedReason::BodyNotReplayable;
         head.extensions.insert(NotReplayed::new(reason));
         return Ok(Response::from_parts(head, body));
@@ -431,15 +445,19 @@ impl<S: fmt::Display, E: fmt::Display> fmt::Display for ServiceError<S, E> {
     }
 }
 
+/// `S` needs only `Debug + Display`, so that an inner `BoxError` (what most
+/// tower middleware returns, and which is not itself an `Error`) works, and
+/// this layer can sit under `Timeout` or `Buffer`. The inner error's message
+/// is in this error's `Display`.
 impl<S, E> Error for ServiceError<S, E>
 where
-    S: Error + 'static,
+    S: fmt::Debug + fmt::Display,
     E: fmt::Debug + fmt::Display + 'static,
 {
     fn source(&self) -> Option<&(dyn Error + 'static)> {
         match self {
             ServiceError::Auth(e) => e.source(),
-            ServiceError::Service(e) => e.source(),
+            ServiceError::Service(_) => None,
         }
     }
 }

@@ -44,8 +44,10 @@ type ClassifyFn = dyn Fn(&Response) -> bool + Send + Sync;
 ///   attached. A request whose body is a stream cannot be copied: it is sent
 ///   once, and its unauthorized response is returned as is, with
 ///   [`NotReplayed`]`{ reason: `[`BodyNotReplayable`](NotReplayedReason::BodyNotReplayable)` }`
-///   in [`Response::extensions`] (the token is still refreshed first, so
-///   sending it again with a new body uses the new token).
+///   in [`Response::extensions`]. The token is still refreshed first (if the
+///   one used was current), so sending it again with a new body uses the new
+///   token; if that refresh failed, its [`AuthError`](super::AuthError) is
+///   in the extensions too.
 /// - **Non-idempotent methods are replayed too** (`POST`, `PATCH`, …): a
 ///   server that answers `401` rejected the request before acting on it.
 ///   If your server acts first and checks the token afterwards, classify its
@@ -232,10 +234,10 @@ where
         }
         let Some(mut second) = replay else {
             // Refresh anyway, so that the caller's own retry uses a new token.
-            manager
-                .refresh_if_current(token.epoch)
-                .await
-                .map_err(auth_error)?;
+            // The response is returned whatever that refresh gives.
+            if let Err(failed) = manager.refresh_if_current(token.epoch).await {
+                response.extensions_mut().insert(failed);
+            }
             let reason = NotReplayedReason::BodyNotReplayable;
             response.extensions_mut().insert(NotReplayed::new(reason));
             return Ok(response);
