@@ -36,6 +36,9 @@ use server::{ServerConfig, TestServer};
 
 type Manager = Arc<TokenManager<String, String>>;
 
+/// How long the server holds a late 401: far longer than a refresh and a
+/// replay on loopback, so the test can assert the order it claims.
+const LATE: Duration = Duration::from_secs(3);
 const WAIT: Duration = Duration::from_secs(30);
 
 // ------------------------------------------------------------------ helpers
@@ -266,7 +269,7 @@ fn late_401_reuses_the_finished_refresh() {
 fn late_401_held_by_the_server_refreshes_once() {
     Rt::Tokio.run("reqwest late 401 (server delay)", || async {
         let s = setup();
-        s.server.set_unauthorized_delay(Duration::from_millis(500));
+        s.server.set_unauthorized_delay(LATE);
         let b = tokio::spawn(s.client.get(s.server.url("/resource/b")).send());
         assert!(s.server.wait_for_arrivals_async(1, WAIT).await);
         s.server.set_unauthorized_delay(Duration::ZERO);
@@ -278,6 +281,9 @@ fn late_401_held_by_the_server_refreshes_once() {
             .await
             .unwrap();
         assert_eq!(a.status(), StatusCode::OK);
+        // Asserted, not assumed: B's 401 comes back after the refresh ended.
+        assert_eq!(s.server.successful_refreshes(), 1);
+        assert!(!b.is_finished(), "B's 401 must still be held: raise LATE");
         assert_eq!(b.await.unwrap().unwrap().status(), StatusCode::OK);
         let c = s.server.counters();
         assert_eq!((c.refresh_calls, c.reuse_detections), (1, 0));

@@ -44,6 +44,9 @@ type Hyper = Client<HttpConnector, ReqBody>;
 type Stack = AuthService<Held<Hyper>, Tokens, String>;
 type Manager = Arc<TokenManager<Tokens, String>>;
 
+/// How long the server holds a late 401: far longer than a refresh and a
+/// replay on loopback, so the test can assert the order it claims.
+const LATE: Duration = Duration::from_secs(3);
 const WAIT: Duration = Duration::from_secs(30);
 
 // ------------------------------------------------------------------ helpers
@@ -294,13 +297,16 @@ fn late_401_reuses_the_finished_refresh() {
 fn late_401_held_by_the_server_refreshes_once() {
     Rt::Tokio.run("tower late 401 (server delay)", || async {
         let (server, manager, stack) = setup();
-        server.set_unauthorized_delay(Duration::from_millis(500));
+        server.set_unauthorized_delay(LATE);
         let b = tokio::spawn(stack.clone().oneshot(get(server.url("/resource/b"))));
         assert!(server.wait_for_arrivals_async(1, WAIT).await);
         server.set_unauthorized_delay(Duration::ZERO);
 
         let a = stack.clone().oneshot(get(server.url("/resource/a")));
         assert_eq!(a.await.unwrap().status(), StatusCode::OK);
+        // Asserted, not assumed: B's 401 comes back after the refresh ended.
+        assert_eq!(server.successful_refreshes(), 1);
+        assert!(!b.is_finished(), "B's 401 must still be held: raise LATE");
         assert_eq!(b.await.unwrap().unwrap().status(), StatusCode::OK);
         let c = server.counters();
         assert_eq!((c.refresh_calls, c.reuse_detections), (1, 0));
