@@ -295,3 +295,110 @@ fn a_stream_401_is_returned_when_the_refresh_fails() {
         },
     );
 }
+
+/// A request body type this crate knows nothing about, as tonic's or axum's
+/// are to it: it cannot implement `ReplayBody` for it.
+#[derive(Debug, PartialEq)]
+struct Opaque(&'static str);
+
+/// An inner service that wants `Bearer fresh` and records the bodies it got.
+fn recording_opaque(
+    seen: Arc<Mutex<Vec<&'static str>>>,
+) -> impl tower::Service<Request<Opaque>, Response = Response<String>, Error = Infallible, Future: Send>
++ Clone
++ Send
++ 'static {
+    tower::service_fn(move |req: Request<Opaque>| {
+        let seen = seen.clone();
+        async move {
+            let ok = req
+                .headers()
+                .get(AUTHORIZATION)
+                .is_some_and(|v| v == "Bearer fresh");
+            seen.lock().unwrap().push(req.into_body().0);
+            let status = if ok { 200 } else { 401 };
+            Ok::<_, Infallible>(
+                Response::builder()
+                    .status(status)
+                    .body(String::new())
+                    .unwrap(),
+            )
+        }
+    })
+}
+
+fn fresh_manager() -> Arc<TokenManager<String, String>> {
+    Arc::new(TokenManager::with_token(
+        |_stale: Option<String>| async { Ok::<_, RefreshError<String>>("fresh".to_string()) },
+        "old".to_string(),
+    ))
+}
+
+/// Any body type replays with a copy function of the user's.
+#[test]
+fn any_body_replays_with_a_function() {
+    run("any_body_replays_with_a_function", || async {
+        let seen: Arc<Mutex<Vec<&'static str>>> = Arc::default();
+        let layer =
+            AuthLayer::new(fresh_manager()).replay_with(|body: &Opaque| Some(Opaque(body.0)));
+        let service = layer.layer(recording_opaque(seen.clone()));
+        let response = service
+            .oneshot(
+                Request::post("http://x/rpc")
+                    .body(Opaque("payload"))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        assert_eq!(*seen.lock().unwrap(), ["payload", "payload"]);
+    });
+}
+
+/// Any body type works with `never_replay`: the 401 comes back with its
+/// reason, after the refresh, so the caller's retry uses the new token. With
+/// a gRPC classifier (`grpc-status: 16` on an HTTP 200), as for tonic.
+#[test]
+fn any_body_works_without_replay_and_with_a_grpc_classifier() {
+    run(
+        "any_body_works_without_replay_and_with_a_grpc_classifier",
+        || async {
+            let manager = fresh_manager();
+            let grpc = tower::service_fn(|req: Request<Opaque>| async move {
+                let ok = req
+                    .headers()
+                    .get(AUTHORIZATION)
+                    .is_some_and(|v| v == "Bearer fresh");
+                let status = if ok { "0" } else { "16" };
+                let response = Response::builder()
+                    .status(200)
+                    .header("grpc-status", status)
+                    .body(String::new());
+                Ok::<_, Infallible>(response.unwrap())
+            });
+            let layer = AuthLayer::new(manager.clone())
+                .never_replay()
+                .with_classifier(|head| head.headers.get("grpc-status").is_some_and(|s| s == "16"));
+            let service = layer.layer(grpc);
+            let first = service
+                .clone()
+                .oneshot(Request::post("http://x/rpc").body(Opaque("a")).unwrap())
+                .await
+                .unwrap();
+            assert_eq!(first.headers()["grpc-status"], "16");
+            let reason = first.extensions().get::<NotReplayed>().map(|n| n.reason);
+            assert_eq!(reason, Some(NotReplayedReason::BodyNotReplayable));
+            assert_eq!(
+                manager.stats().refresh_calls,
+                1,
+                "refreshed for the caller's retry"
+            );
+            let retry = service
+                .oneshot(Request::post("http://x/rpc").body(Opaque("a")).unwrap())
+                .await
+                .unwrap();
+            assert_eq!(retry.headers()["grpc-status"], "0");
+            assert_eq!(manager.stats().refresh_calls, 1);
+        },
+    );
+}

@@ -108,10 +108,11 @@ type ClassifyFn = dyn Fn(&response::Parts) -> bool + Send + Sync;
 /// assert_eq!((manager.stats().refresh_calls, manager.stats().retries), (1, 1));
 /// # });
 /// ```
-pub struct AuthLayer<T, E> {
+pub struct AuthLayer<T, E, R = ReplayBuffered> {
     manager: Arc<TokenManager<T, E>>,
     attach: Arc<AttachFn<T>>,
     classify: Arc<ClassifyFn>,
+    replay: R,
 }
 
 impl<T, E> AuthLayer<T, E> {
@@ -156,6 +157,57 @@ impl<T, E> AuthLayer<T, E> {
             classify: Arc::new(|head: &response::Parts| {
                 classify(head.status, &head.headers).is_refresh()
             }),
+            replay: ReplayBuffered,
+        }
+    }
+}
+
+impl<T, E, R> AuthLayer<T, E, R> {
+    /// Never replays: for any body type, including ones this crate cannot
+    /// implement [`ReplayBody`] for (tonic's, hyper's `Incoming`, axum's).
+    /// An unauthorized response is returned with
+    /// [`NotReplayed`]`{ reason: `[`BodyNotReplayable`](NotReplayedReason::BodyNotReplayable)` }`,
+    /// after the token was refreshed, so the caller's own retry uses the new
+    /// token.
+    ///
+    /// For gRPC, pair it with a classifier: tonic reports `UNAUTHENTICATED`
+    /// as `grpc-status: 16` on an HTTP 200, e.g.
+    /// `.with_classifier(|head| head.headers.get("grpc-status").is_some_and(|s| s == "16"))`.
+    pub fn never_replay(self) -> AuthLayer<T, E, NeverReplay> {
+        self.replay_policy(NeverReplay)
+    }
+
+    /// Replays with `copy`, which makes a copy of a body to send again, or
+    /// `None` if it cannot. For body types that do not implement
+    /// [`ReplayBody`].
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use epochflight::auth::{AuthLayer, TokenManager};
+    ///
+    /// /// A body type from another crate, say.
+    /// struct Payload(bytes::Bytes);
+    ///
+    /// let manager: Arc<TokenManager<String, String>> =
+    ///     Arc::new(TokenManager::new_blocking(|_| Ok("t".into())));
+    /// let layer = AuthLayer::new(manager).replay_with(|body: &Payload| Some(Payload(body.0.clone())));
+    /// # let _ = layer;
+    /// ```
+    pub fn replay_with<B, F>(self, copy: F) -> AuthLayer<T, E, ReplayWith<F>>
+    where
+        F: Fn(&B) -> Option<B> + Send + Sync + 'static,
+    {
+        self.replay_policy(ReplayWith(Arc::new(copy)))
+    }
+
+    fn replay_policy<P>(self, replay: P) -> AuthLayer<T, E, P> {
+        AuthLayer {
+            manager: self.manager,
+            attach: self.attach,
+            classify: self.classify,
+            replay,
         }
     }
 
@@ -188,24 +240,25 @@ impl<T, E> AuthLayer<T, E> {
     }
 }
 
-impl<T, E> Clone for AuthLayer<T, E> {
+impl<T, E, R: Clone> Clone for AuthLayer<T, E, R> {
     fn clone(&self) -> Self {
         Self {
             manager: self.manager.clone(),
             attach: self.attach.clone(),
             classify: self.classify.clone(),
+            replay: self.replay.clone(),
         }
     }
 }
 
-impl<T, E> fmt::Debug for AuthLayer<T, E> {
+impl<T, E, R> fmt::Debug for AuthLayer<T, E, R> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AuthLayer").finish_non_exhaustive()
     }
 }
 
-impl<S, T, E> Layer<S> for AuthLayer<T, E> {
-    type Service = AuthService<S, T, E>;
+impl<S, T, E, R: Clone> Layer<S> for AuthLayer<T, E, R> {
+    type Service = AuthService<S, T, E, R>;
 
     fn layer(&self, inner: S) -> Self::Service {
         AuthService {
@@ -229,12 +282,12 @@ impl<S, T, E> Layer<S> for AuthLayer<T, E> {
 /// `tower::buffer::Buffer` are).
 ///
 /// Available with the `tower` feature.
-pub struct AuthService<S, T, E> {
+pub struct AuthService<S, T, E, R = ReplayBuffered> {
     inner: S,
-    config: Arc<AuthLayer<T, E>>,
+    config: Arc<AuthLayer<T, E, R>>,
 }
 
-impl<S, T, E> AuthService<S, T, E> {
+impl<S, T, E, R> AuthService<S, T, E, R> {
     /// The inner service.
     pub fn get_ref(&self) -> &S {
         &self.inner
@@ -256,7 +309,7 @@ impl<S, T, E> AuthService<S, T, E> {
     }
 }
 
-impl<S: Clone, T, E> Clone for AuthService<S, T, E> {
+impl<S: Clone, T, E, R> Clone for AuthService<S, T, E, R> {
     fn clone(&self) -> Self {
         Self {
             inner: self.inner.clone(),
@@ -265,7 +318,7 @@ impl<S: Clone, T, E> Clone for AuthService<S, T, E> {
     }
 }
 
-impl<S: fmt::Debug, T, E> fmt::Debug for AuthService<S, T, E> {
+impl<S: fmt::Debug, T, E, R> fmt::Debug for AuthService<S, T, E, R> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AuthService")
             .field("inner", &self.inner)
@@ -273,12 +326,13 @@ impl<S: fmt::Debug, T, E> fmt::Debug for AuthService<S, T, E> {
     }
 }
 
-impl<S, T, E, B, ResBody> Service<Request<B>> for AuthService<S, T, E>
+impl<S, T, E, R, B, ResBody> Service<Request<B>> for AuthService<S, T, E, R>
 where
     S: Service<Request<B>, Response = Response<ResBody>> + Clone + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Send + 'static,
-    B: ReplayBody + Send + 'static,
+    B: Send + 'static,
+    R: Replay<B> + Send + Sync + 'static,
     ResBody: Send + 'static,
     T: Clone + Send + Sync + 'static,
     E: Clone + Send + Sync + 'static,
@@ -310,21 +364,24 @@ where
 
 /// One request through the layer: gate, attach, send, and on an
 /// unauthorized response, epoch-checked refresh and one replay.
-async fn authorized<S, T, E, B, ResBody>(
+async fn authorized<S, T, E, R, B, ResBody>(
     mut inner: S,
-    config: Arc<AuthLayer<T, E>>,
+    config: Arc<AuthLayer<T, E, R>>,
     request: Request<B>,
 ) -> Result<Response<ResBody>, ServiceError<S::Error, E>>
 where
     S: Service<Request<B>, Response = Response<ResBody>>,
-    B: ReplayBody,
+    R: Replay<B>,
     T: Clone + Send + Sync + 'static,
     E: Clone + Send + Sync + 'static,
 {
     let manager = &config.manager;
     let token = manager.token().await?;
     let (head, body) = request.into_parts();
-    let replay = body.try_clone_body().map(|copy| (head.clone(), copy));
+    let replay = config
+        .replay
+        .try_copy(&body)
+        .map(|copy| (head.clone(), copy));
     let first = with_token(&config, &token.value, head, body);
     std::future::poll_fn(|cx| inner.poll_ready(cx))
         .await
@@ -367,8 +424,8 @@ where
     Ok(Response::from_parts(head, body))
 }
 
-fn with_token<T, E, B>(
-    config: &AuthLayer<T, E>,
+fn with_token<T, E, R, B>(
+    config: &AuthLayer<T, E, R>,
     token: &T,
     mut head: request::Parts,
     body: B,
@@ -462,6 +519,55 @@ where
     }
 }
 
+/// How an [`AuthService`] copies a request body to send it again; chosen on
+/// the layer: [`ReplayBuffered`] (the default), [`NeverReplay`]
+/// ([`AuthLayer::never_replay`]) or [`ReplayWith`]
+/// ([`AuthLayer::replay_with`]).
+pub trait Replay<B> {
+    /// A copy of `body` to send again, or `None` if it cannot be copied.
+    fn try_copy(&self, body: &B) -> Option<B>;
+}
+
+/// Replays bodies that implement [`ReplayBody`] (buffered ones); the default.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ReplayBuffered;
+
+impl<B: ReplayBody> Replay<B> for ReplayBuffered {
+    fn try_copy(&self, body: &B) -> Option<B> {
+        body.try_clone_body()
+    }
+}
+
+/// Never replays; works with any body type. See [`AuthLayer::never_replay`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NeverReplay;
+
+impl<B> Replay<B> for NeverReplay {
+    fn try_copy(&self, _body: &B) -> Option<B> {
+        None
+    }
+}
+
+/// Replays with a function of yours. See [`AuthLayer::replay_with`].
+pub struct ReplayWith<F>(Arc<F>);
+
+impl<F> Clone for ReplayWith<F> {
+    fn clone(&self) -> Self {
+        Self(self.0.clone())
+    }
+}
+
+impl<F> fmt::Debug for ReplayWith<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ReplayWith").finish_non_exhaustive()
+    }
+}
+
+impl<B, F: Fn(&B) -> Option<B>> Replay<B> for ReplayWith<F> {
+    fn try_copy(&self, body: &B) -> Option<B> {
+        (self.0)(body)
+    }
+}
 /// A request body that can be copied before it is sent, so that the request
 /// can be sent again after a refresh.
 ///

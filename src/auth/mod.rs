@@ -62,7 +62,10 @@ pub use classify::{Verdict, classify, classify_response};
 #[cfg(feature = "http")]
 pub use integration::{Credential, NotReplayed, NotReplayedReason, SkipAuth};
 #[cfg(feature = "tower")]
-pub use layer::{AuthLayer, AuthService, ReplayBody, ResponseFuture, ServiceError};
+pub use layer::{
+    AuthLayer, AuthService, NeverReplay, Replay, ReplayBody, ReplayBuffered, ReplayWith,
+    ResponseFuture, ServiceError,
+};
 #[cfg(feature = "reqwest")]
 pub use middleware::AuthMiddleware;
 
