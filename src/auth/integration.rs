@@ -53,6 +53,10 @@ pub trait Credential {
     fn apply(&self, headers: &mut HeaderMap);
 }
 
+/// `Authorization: Bearer <token>`, marked sensitive. A token that cannot be
+/// a header value (it holds control characters) is not sent: the request
+/// goes out without `Authorization`, and its `401` refreshes the token as an
+/// expired one would. Never a panic.
 impl Credential for str {
     fn apply(&self, headers: &mut HeaderMap) {
         match HeaderValue::try_from(format!("Bearer {self}")) {

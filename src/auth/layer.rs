@@ -143,7 +143,9 @@ impl<T, E> AuthLayer<T, E> {
     /// let manager: Arc<TokenManager<ApiKey, String>> =
     ///     Arc::new(TokenManager::new_blocking(|_| Ok(ApiKey("k".into()))));
     /// let layer = AuthLayer::with_attach(manager, |key: &ApiKey, request: &mut http::request::Parts| {
-    ///     request.headers.insert("x-api-key", key.0.parse().unwrap());
+    ///     if let Ok(value) = key.0.parse() {
+    ///         request.headers.insert("x-api-key", value);
+    ///     }
     /// });
     /// # let _ = layer;
     /// ```
