@@ -662,7 +662,7 @@ where
     {
         let mut inner = self.inner.lock();
         let (removed_key, mut removed) = inner.remove(key)?;
-        inner.detach_removed(&mut removed);
+        inner.keep_detached(removed.flight.take());
         drop(inner);
         drop(removed_key);
         removed.value.take()
@@ -752,9 +752,13 @@ where
         let mut inner = self.inner.lock();
         let epoch = inner.next_epoch();
         let stored = Versioned { value, epoch };
-        inner.detach_flight(&key);
         let replaced = match inner.get_mut(&key) {
-            Some((_, slot)) => slot.value.replace(stored),
+            Some((_, slot)) => {
+                let cut_loose = slot.flight.take();
+                let replaced = slot.value.replace(stored);
+                inner.keep_detached(cut_loose);
+                replaced
+            }
             None => {
                 let slot = Slot {
                     value: Some(stored),

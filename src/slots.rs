@@ -227,20 +227,11 @@ where
         }
     }
 
-    /// Cuts `slot`'s flight loose from its key: its callers still get its
-    /// result, but the result is not stored.
-    pub(crate) fn detach_flight(&mut self, key: &K) {
-        let Some((_, slot)) = self.get_mut(key) else {
-            return;
-        };
-        if let Some(FlightRef::Shared(flight)) = slot.flight.take() {
-            self.detached.insert(flight.id, flight);
-        }
-    }
-
-    /// As [`detach_flight`](Self::detach_flight), for a slot already removed.
-    pub(crate) fn detach_removed(&mut self, slot: &mut Slot<T, E>) {
-        if let Some(FlightRef::Shared(flight)) = slot.flight.take() {
+    /// Keeps a flight taken out of its key's slot (by `forget` or `set`)
+    /// until its driver finishes: its callers still get its result, which is
+    /// not stored. A solo flight needs nothing kept: its leader finds it gone.
+    pub(crate) fn keep_detached(&mut self, flight: Option<FlightRef<T, E>>) {
+        if let Some(FlightRef::Shared(flight)) = flight {
             self.detached.insert(flight.id, flight);
         }
     }
