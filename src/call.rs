@@ -12,7 +12,7 @@ use std::task::{Context, Poll, ready};
 
 use crate::caller::{Driver, Entry, Next, Waiter, with_role};
 use crate::epoch::{Outcome, Role, Versioned};
-use crate::flight::Work;
+use crate::work::Work;
 
 /// Makes a caller's work, if it ends up running it.
 pub(crate) trait MakeWork<T, E> {
@@ -31,7 +31,7 @@ where
     Fut: Future<Output = Result<T, E>> + Send + 'static,
 {
     fn make(self) -> Work<T, E> {
-        Box::pin((self.0)())
+        Work::Fallible(Box::pin((self.0)()))
     }
 }
 
@@ -41,8 +41,7 @@ where
     Fut: Future<Output = T> + Send + 'static,
 {
     fn make(self) -> Work<T, Infallible> {
-        let work = (self.0)();
-        Box::pin(async move { Ok(work.await) })
+        Work::Infallible(Box::pin((self.0)()))
     }
 }
 

@@ -13,10 +13,11 @@ use std::task::{Context, Poll};
 
 use crate::block_on::block_on;
 use crate::epoch::{Outcome, Role, Versioned};
-use crate::flight::{Finished, Flight, FlightId, Registration, Step, WaitKind, Work};
+use crate::flight::{Finished, Flight, FlightId, Registration, Step, WaitKind};
 use crate::single_flight::{Mode, SingleFlight};
 use crate::slots::SlotId;
 use crate::sync::Arc;
+use crate::work::Work;
 
 /// A caller right after it registered with the map (synchronously, at call
 /// time: that is what makes a burst of callers coalesce).
@@ -134,7 +135,7 @@ where
     pub(crate) fn poll_work(&mut self, cx: &mut Context<'_>) -> Poll<Finished<T, E>> {
         let work = self.work.as_mut().expect("driver polled without work");
         self.busy = true;
-        let poll = work.as_mut().poll(cx);
+        let poll = work.poll(cx);
         if poll.is_ready() {
             // Drop the finished future now, outside every lock.
             self.work = None;

@@ -11,20 +11,16 @@
 //! phase change wakes them all. A wake-up cannot be lost between the look and
 //! the registration, and a follower costs no allocation of its own.
 
-use std::future::Future;
 use std::mem;
-use std::pin::Pin;
 use std::task::Waker;
 
 use crate::epoch::Epoch;
 use crate::sync::Mutex;
+use crate::work::Work;
 
 /// Identifies a flight within one `SingleFlight`, so a driver can tell whether
 /// the map still holds *its* flight after a `forget` or `set`.
 pub(crate) type FlightId = u64;
-
-/// A flight's user work, boxed so that a cancelled driver can hand it over.
-pub(crate) type Work<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
 
 /// A completed flight's result as every caller sees it.
 pub(crate) type Finished<T, E> = Result<(T, Epoch), E>;

@@ -41,6 +41,7 @@ mod flight;
 mod single_flight;
 mod slots;
 mod sync;
+mod work;
 
 pub use call::{Call, TryCall};
 pub use epoch::{Epoch, Outcome, Role, Versioned};

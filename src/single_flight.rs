@@ -11,9 +11,10 @@ use std::hash::{BuildHasher, Hash};
 use crate::call::{Call, TryCall};
 use crate::caller::{Driver, Entry, Waiter};
 use crate::epoch::{Epoch, Outcome, Versioned};
-use crate::flight::{Finished, Flight, FlightId, Registration, WaitKind, WakeOnDrop, Work};
+use crate::flight::{Finished, Flight, FlightId, Registration, WaitKind, WakeOnDrop};
 use crate::slots::{FlightRef, Slot, SlotId, Slots};
 use crate::sync::{Arc, Mutex};
+use crate::work::Work;
 
 /// A map of single flights with epochs: concurrent *and late* callers for a
 /// key share one execution of the work.

@@ -5,8 +5,14 @@
 //! Slots live in a slab indexed by the key map. A driver remembers its slot's
 //! index, so finishing a flight costs no second hash of the key; the flight
 //! id, never reused, tells whether the slot still holds that flight.
+//!
+//! The slab holds each slot's key too, which makes a one-entry hint possible:
+//! the slot found last is checked with `K::eq` before the key is hashed.
+//! Callers of one hot key (a token, a config) then never hash it; a miss
+//! costs one comparison.
 
 use std::borrow::Borrow;
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hash};
 
@@ -20,7 +26,12 @@ pub(crate) type SlotId = usize;
 
 pub(crate) struct Slots<K, T, E, S> {
     index: HashMap<K, SlotId, S>,
-    slab: Vec<Option<Slot<T, E>>>,
+    /// Each slot with a copy of its key: `index[key] == at` exactly when
+    /// `slab[at]` holds `key`.
+    slab: Vec<Option<(K, Slot<T, E>)>>,
+    /// The slot found last. Checked by comparing keys, so never stale:
+    /// a removed or reused slot simply does not match.
+    hint: Cell<SlotId>,
     /// Empty places in `slab`; it never holds more places than the peak
     /// number of live keys (DESIGN I7).
     free: Vec<SlotId>,
@@ -100,6 +111,7 @@ impl<K, T, E, S> Slots<K, T, E, S> {
         Self {
             index: HashMap::with_hasher(hasher),
             slab: Vec::new(),
+            hint: Cell::new(SlotId::MAX),
             free: Vec::new(),
             detached: HashMap::new(),
             last_epoch: 0,
@@ -113,7 +125,7 @@ impl<K, T, E, S> Slots<K, T, E, S> {
 
     pub(crate) fn in_flight(&self) -> usize {
         let slots = self.slab.iter().flatten();
-        slots.filter(|s| s.flight.is_some()).count()
+        slots.filter(|(_, s)| s.flight.is_some()).count()
     }
 
     pub(crate) fn detached_len(&self) -> usize {
@@ -137,7 +149,11 @@ impl<K, T, E, S> Slots<K, T, E, S> {
     }
 
     pub(crate) fn at_mut(&mut self, at: SlotId) -> Option<&mut Slot<T, E>> {
-        self.slab.get_mut(at)?.as_mut()
+        self.slab.get_mut(at)?.as_mut().map(|(_, slot)| slot)
+    }
+
+    fn at(&self, at: SlotId) -> Option<&Slot<T, E>> {
+        self.slab.get(at)?.as_ref().map(|(_, slot)| slot)
     }
 }
 
@@ -146,13 +162,30 @@ where
     K: Hash + Eq,
     S: BuildHasher,
 {
+    /// Where `key`'s slot is: the hinted slot if it holds `key`, else
+    /// looked up by hash (and hinted for next time).
+    fn find<Q>(&self, key: &Q) -> Option<SlotId>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        let hint = self.hint.get();
+        if let Some(Some((hinted, _))) = self.slab.get(hint) {
+            if hinted.borrow() == key {
+                return Some(hint);
+            }
+        }
+        let at = *self.index.get(key)?;
+        self.hint.set(at);
+        Some(at)
+    }
+
     pub(crate) fn get<Q>(&self, key: &Q) -> Option<&Slot<T, E>>
     where
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
-        let at = *self.index.get(key)?;
-        self.slab[at].as_ref()
+        self.at(self.find(key)?)
     }
 
     pub(crate) fn get_mut<Q>(&mut self, key: &Q) -> Option<(SlotId, &mut Slot<T, E>)>
@@ -160,23 +193,25 @@ where
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
-        let at = *self.index.get(key)?;
-        Some((at, self.slab[at].as_mut()?))
+        let at = self.find(key)?;
+        Some((at, self.at_mut(at)?))
     }
 
     /// Adds a slot for `key`, which has none.
-    pub(crate) fn insert(&mut self, key: K, slot: Slot<T, E>) -> SlotId {
+    pub(crate) fn insert(&mut self, key: K, slot: Slot<T, E>) -> SlotId
+    where
+        K: Clone,
+    {
         let at = match self.free.pop() {
-            Some(at) => {
-                self.slab[at] = Some(slot);
-                at
-            }
+            Some(at) => at,
             None => {
-                self.slab.push(Some(slot));
+                self.slab.push(None);
                 self.slab.len() - 1
             }
         };
-        self.index.insert(key, at);
+        self.index.insert(key.clone(), at);
+        self.slab[at] = Some((key, slot));
+        self.hint.set(at);
         at
     }
 
@@ -186,15 +221,15 @@ where
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
-        let (key, at) = self.index.remove_entry(key)?;
+        let at = self.index.remove(key)?;
         let slot = self.slab[at].take()?;
         self.free.push(at);
-        Some((key, slot))
+        Some(slot)
     }
 
     /// Removes `key`'s slot (at `at`) if it holds nothing any more.
     pub(crate) fn prune(&mut self, key: &K, at: SlotId) -> Option<(K, Slot<T, E>)> {
-        let slot = self.slab.get(at)?.as_ref()?;
+        let slot = self.at(at)?;
         if slot.value.is_none() && slot.flight.is_none() {
             self.remove(key)
         } else {
@@ -221,7 +256,7 @@ where
     /// The shared state of flight `id` (started in slot `at`), wherever the
     /// map holds it now.
     pub(crate) fn find_flight(&self, at: SlotId, id: FlightId) -> Option<Arc<Flight<T, E>>> {
-        match self.slab.get(at).and_then(Option::as_ref) {
+        match self.at(at) {
             Some(slot) if slot.holds_flight(id) => slot.flight.as_ref()?.shared().cloned(),
             _ => self.detached.get(&id).cloned(),
         }
