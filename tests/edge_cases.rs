@@ -223,3 +223,52 @@ fn set_and_forget_from_inside_the_work() {
         }
     });
 }
+
+/// The map's hot-key hint (the slot found last, checked with `K::eq` before
+/// hashing) must never answer for another key: here every slot is reused by
+/// a different key while the hint points at it, and all keys share one hash
+/// bucket, so only the key comparison tells them apart.
+#[test]
+fn a_reused_slot_never_answers_for_its_previous_key() {
+    use std::hash::{BuildHasherDefault, Hasher};
+
+    #[derive(Default)]
+    struct OneBucket;
+    impl Hasher for OneBucket {
+        fn finish(&self) -> u64 {
+            0
+        }
+        fn write(&mut self, _: &[u8]) {}
+    }
+
+    with_timeout("a_reused_slot_never_answers_for_its_previous_key", || {
+        let sf: SingleFlight<u32, u32, std::convert::Infallible, BuildHasherDefault<OneBucket>> =
+            SingleFlight::default();
+        for round in 0..50u32 {
+            let (old, new) = (round, round + 1000);
+            sf.set(old, old);
+            assert_eq!(sf.current(&old).map(|v| v.value), Some(old));
+            sf.forget(&old);
+            // `new` takes the slot `old` had, and the hint still points there.
+            let epoch = sf.set(new, new);
+            assert_eq!(sf.current(&old), None, "round {round}: {old} was forgotten");
+            assert!(sf.epoch(&old).is_none() && !epoch.is_none());
+            assert_eq!(sf.current(&new).map(|v| v.value), Some(new));
+            // Another key moves the hint; `new` is found by hash again.
+            sf.set(u32::MAX, 0);
+            assert_eq!(
+                sf.current(&new).map(|v| (v.value, v.epoch)),
+                Some((new, epoch))
+            );
+            sf.forget(&new);
+        }
+        // The stale-refresh path reads through the same hint.
+        let seen = sf.set(1, 10);
+        sf.set(2, 20);
+        let reused = block_on(sf.refresh_if_current(1, epochflight::Epoch::NONE, || async { 0 }));
+        assert_eq!(
+            (reused.value, reused.epoch, reused.role),
+            (10, seen, Role::Reused)
+        );
+    });
+}
