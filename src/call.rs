@@ -9,8 +9,8 @@ use std::hash::{BuildHasher, Hash};
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
-use crate::caller::{Driver, Entry, Next, Waiter, with_role};
-use crate::epoch::{Outcome, Role, Versioned};
+use crate::caller::{Next, Stage, reused, with_role};
+use crate::epoch::{Outcome, Role};
 use crate::work::Work;
 
 /// Makes a caller's work, if it ends up running it.
@@ -52,26 +52,11 @@ where
     E: Clone + 'static,
     S: BuildHasher,
 {
-    state: State<'a, K, T, E, S>,
+    /// Where the caller is. A driver's work is made on its first poll and
+    /// then polled in place.
+    stage: Stage<'a, K, T, E, S>,
     /// Makes the work if this caller leads or is promoted.
     make: Option<W>,
-}
-
-enum State<'a, K, T, E, S>
-where
-    K: Hash + Eq + Clone,
-    T: Clone + 'static,
-    E: Clone + 'static,
-    S: BuildHasher,
-{
-    /// Reuses a stored value; `None` once returned.
-    Reused(Option<Versioned<T>>),
-    /// Follows.
-    Join(Waiter<'a, K, T, E, S>),
-    /// Runs the flight's work, in this role. A leader's driver has no work
-    /// until the first poll makes it: the leader is driven in place.
-    Drive(Driver<'a, K, T, E, S>, Role),
-    Finished,
 }
 
 impl<'a, K, T, E, S, W> Machine<'a, K, T, E, S, W>
@@ -82,22 +67,21 @@ where
     S: BuildHasher,
     W: MakeWork<T, E>,
 {
-    fn new(entry: Entry<'a, K, T, E, S>, make: W) -> Self {
-        let (state, make) = match entry {
-            Entry::Reused(value) => (State::Reused(Some(value)), None),
-            Entry::Lead(driver) => (State::Drive(driver, Role::Led), Some(make)),
-            Entry::Join(waiter) => (State::Join(waiter), Some(make)),
-        };
-        Self { state, make }
+    fn new(stage: Stage<'a, K, T, E, S>, make: W) -> Self {
+        // Moved as it is: no per-stage rewrapping on the fast paths.
+        Self {
+            stage,
+            make: Some(make),
+        }
     }
 
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Result<Outcome<T>, E>> {
         loop {
-            // Every state is polled in place. After a panic in user code the
+            // Every stage is polled in place. After a panic in user code the
             // driver stays here until the future is dropped; it knows it was
             // busy, so its drop hands the flight on as after a panic.
-            match &mut self.state {
-                State::Drive(driver, role) => {
+            match &mut self.stage {
+                Stage::Drive(driver) => {
                     if !driver.has_work() {
                         let make = self
                             .make
@@ -105,33 +89,31 @@ where
                             .expect("an epochflight call was polled after it panicked");
                         driver.start(|| make.make());
                     }
-                    let role = *role;
-                    let result = ready!(driver.poll_work(cx));
-                    self.state = State::Finished;
-                    return Poll::Ready(with_role(result, role));
+                    let outcome = ready!(driver.poll_work(cx));
+                    self.stage = Stage::Finished;
+                    return Poll::Ready(outcome);
                 }
-                State::Join(waiter) => match ready!(waiter.poll_step(cx)) {
+                Stage::Join(waiter) => match ready!(waiter.poll_step(cx)) {
                     Next::Reused(v) => {
-                        self.state = State::Finished;
-                        return Poll::Ready(Ok(Outcome::new(v.value, v.epoch, Role::Reused)));
+                        self.stage = Stage::Finished;
+                        return Poll::Ready(Ok(reused(v)));
                     }
                     Next::Done(result) => {
-                        self.state = State::Finished;
+                        self.stage = Stage::Finished;
                         return Poll::Ready(with_role(result, Role::Joined));
                     }
-                    Next::Adopt(driver) => self.state = State::Drive(driver, Role::Joined),
-                    // Its work is made on the next turn of the loop.
-                    Next::Promote(driver) => self.state = State::Drive(driver, Role::Led),
+                    // A promoted driver's work is made on the next turn.
+                    Next::Adopt(driver) | Next::Promote(driver) => {
+                        self.stage = Stage::Drive(driver);
+                    }
                 },
-                // Takes only the value, not the whole state: the fast path
-                // moves 16 bytes, not a call's worth.
-                State::Reused(v) => {
+                Stage::Reused(v) => {
                     let v = v
                         .take()
                         .expect("an epochflight call was polled after it completed");
-                    return Poll::Ready(Ok(Outcome::new(v.value, v.epoch, Role::Reused)));
+                    return Poll::Ready(Ok(reused(v)));
                 }
-                State::Finished => panic!("an epochflight call was polled after it completed"),
+                Stage::Finished => panic!("an epochflight call was polled after it completed"),
             }
         }
     }
@@ -145,13 +127,11 @@ where
     S: BuildHasher,
 {
     fn name(&self) -> &'static str {
-        match &self.state {
-            State::Reused(Some(_)) => "Reused",
-            State::Reused(None) => "Finished",
-            State::Join(..) => "Join",
-            State::Drive(_, Role::Led) => "Lead",
-            State::Drive(..) => "Drive",
-            State::Finished => "Finished",
+        match &self.stage {
+            Stage::Reused(Some(_)) => "Reused",
+            Stage::Join(..) => "Join",
+            Stage::Drive(_) => "Drive",
+            Stage::Reused(None) | Stage::Finished => "Finished",
         }
     }
 }
@@ -184,9 +164,9 @@ where
     F: FnOnce() -> Fut,
     Fut: Future<Output = Result<T, E>> + Send + 'static,
 {
-    pub(crate) fn new(entry: Entry<'a, K, T, E, S>, f: F) -> Self {
+    pub(crate) fn new(stage: Stage<'a, K, T, E, S>, f: F) -> Self {
         Self {
-            state: Machine::new(entry, Fallible(f)),
+            state: Machine::new(stage, Fallible(f)),
         }
     }
 }
@@ -257,9 +237,9 @@ where
     F: FnOnce() -> Fut,
     Fut: Future<Output = T> + Send + 'static,
 {
-    pub(crate) fn new(entry: Entry<'a, K, T, Infallible, S>, f: F) -> Self {
+    pub(crate) fn new(stage: Stage<'a, K, T, Infallible, S>, f: F) -> Self {
         Self {
-            state: Machine::new(entry, Infallibly(f)),
+            state: Machine::new(stage, Infallibly(f)),
         }
     }
 }

@@ -19,24 +19,29 @@ use crate::slots::SlotId;
 use crate::sync::Arc;
 use crate::work::Work;
 
-/// A caller right after it registered with the map (synchronously, at call
-/// time: that is what makes a burst of callers coalesce).
-pub(crate) enum Entry<'a, K, T, E, S>
+/// Where a caller is in its call. Set when it registers with the map
+/// (synchronously, at call time: that is what makes a burst of callers
+/// coalesce), then advanced in place by the async call's future: it is the
+/// future's state, so registering writes it where it stays.
+pub(crate) enum Stage<'a, K, T, E, S>
 where
     K: Hash + Eq + Clone,
     T: Clone + 'static,
     E: Clone + 'static,
     S: BuildHasher,
 {
-    /// A value newer than the caller's epoch exists.
-    Reused(Versioned<T>),
-    /// The caller leads a new flight.
-    Lead(Driver<'a, K, T, E, S>),
+    /// A value newer than the caller's epoch exists; `None` once returned
+    /// (taking just the value keeps the fast path from moving the stage).
+    Reused(Option<Versioned<T>>),
+    /// The caller runs the flight's work: it leads, or took the flight over.
+    Drive(Driver<'a, K, T, E, S>),
     /// The caller follows a flight in progress.
     Join(Waiter<'a, K, T, E, S>),
+    /// The call returned its outcome.
+    Finished,
 }
 
-impl<K, T, E, S> Entry<'_, K, T, E, S>
+impl<K, T, E, S> Stage<'_, K, T, E, S>
 where
     K: Hash + Eq + Clone,
     T: Clone + 'static,
@@ -49,17 +54,22 @@ where
         F: FnOnce() -> Result<T, E>,
     {
         let mut waiter = match self {
-            Entry::Reused(v) => return Ok(Outcome::new(v.value, v.epoch, Role::Reused)),
-            Entry::Lead(driver) => return with_role(driver.run_blocking(f), Role::Led),
-            Entry::Join(waiter) => waiter,
+            Stage::Reused(Some(v)) => return Ok(reused(v)),
+            Stage::Drive(driver) => return driver.run_blocking(f),
+            Stage::Join(waiter) => waiter,
+            Stage::Reused(None) | Stage::Finished => unreachable!("a new stage is unfinished"),
         };
         match block_on(poll_fn(|cx| waiter.poll_step(cx))) {
-            Next::Reused(v) => Ok(Outcome::new(v.value, v.epoch, Role::Reused)),
+            Next::Reused(v) => Ok(reused(v)),
             Next::Done(result) => with_role(result, Role::Joined),
-            Next::Adopt(driver) => with_role(driver.drive_blocking(), Role::Joined),
-            Next::Promote(driver) => with_role(driver.run_blocking(f), Role::Led),
+            Next::Adopt(driver) => driver.drive_blocking(),
+            Next::Promote(driver) => driver.run_blocking(f),
         }
     }
+}
+
+pub(crate) fn reused<T>(stored: Versioned<T>) -> Outcome<T> {
+    Outcome::new(stored.value, stored.epoch, Role::Reused)
 }
 
 pub(crate) fn with_role<T, E>(result: Finished<T, E>, role: Role) -> Result<Outcome<T>, E> {
@@ -86,6 +96,9 @@ where
     /// solo flight finds the shared flight (if one was created) in the map.
     flight: Option<Arc<Flight<T, E>>>,
     work: Option<Work<T, E>>,
+    /// How its caller will have obtained the result: `Led` if it runs work
+    /// it made, `Joined` if it continues a cancelled driver's work.
+    role: Role,
     /// True while user code (the closure or a poll of the work) runs. If the
     /// driver is dropped with it set, that code panicked.
     busy: bool,
@@ -107,6 +120,11 @@ where
         flight: Option<Arc<Flight<T, E>>>,
         work: Option<Work<T, E>>,
     ) -> Self {
+        let role = if work.is_some() {
+            Role::Joined
+        } else {
+            Role::Led
+        };
         Self {
             sf,
             key,
@@ -114,6 +132,7 @@ where
             id,
             flight,
             work,
+            role,
             busy: false,
             finished: false,
         }
@@ -132,7 +151,7 @@ where
         self.work = Some(work);
     }
 
-    pub(crate) fn poll_work(&mut self, cx: &mut Context<'_>) -> Poll<Finished<T, E>> {
+    pub(crate) fn poll_work(&mut self, cx: &mut Context<'_>) -> Poll<Result<Outcome<T>, E>> {
         let work = self.work.as_mut().expect("driver polled without work");
         self.busy = true;
         let poll = work.poll(cx);
@@ -144,11 +163,11 @@ where
         poll.map(|result| self.finish(result))
     }
 
-    fn drive_blocking(mut self) -> Finished<T, E> {
+    fn drive_blocking(mut self) -> Result<Outcome<T>, E> {
         block_on(poll_fn(|cx| self.poll_work(cx)))
     }
 
-    fn run_blocking<F>(mut self, f: F) -> Finished<T, E>
+    fn run_blocking<F>(mut self, f: F) -> Result<Outcome<T>, E>
     where
         F: FnOnce() -> Result<T, E>,
     {
@@ -160,7 +179,7 @@ where
 
     /// Stores the result (if the map still holds this flight) and publishes
     /// it to the followers.
-    fn finish(&mut self, result: Result<T, E>) -> Finished<T, E> {
+    fn finish(&mut self, result: Result<T, E>) -> Result<Outcome<T>, E> {
         // `complete_flight` makes every clone before it changes anything: if
         // `T::clone` panics there, this driver is still unfinished, and its
         // drop hands the flight on as after a panic in the work.
@@ -172,7 +191,7 @@ where
         if let Some((flight, published)) = publish {
             flight.complete(published);
         }
-        finished
+        with_role(finished, self.role)
     }
 }
 

@@ -9,7 +9,7 @@ use std::future::Future;
 use std::hash::{BuildHasher, Hash};
 
 use crate::call::{Call, TryCall};
-use crate::caller::{Driver, Entry, Waiter};
+use crate::caller::{Driver, Stage, Waiter};
 use crate::epoch::{Epoch, Outcome, Versioned};
 use crate::flight::{Finished, Flight, FlightId, Registration, WaitKind, WakeOnDrop};
 use crate::slots::{FlightRef, Slot, SlotId, Slots};
@@ -187,7 +187,7 @@ where
     S: BuildHasher,
 {
     /// Registers a caller: reuse, lead or join. Runs no user code.
-    fn enter(&self, key: K, mode: Mode, kind: WaitKind) -> Entry<'_, K, T, E, S> {
+    fn enter(&self, key: K, mode: Mode, kind: WaitKind) -> Stage<'_, K, T, E, S> {
         let mut inner = self.inner.lock();
         let id = inner.next_flight();
         let at = if let Some((at, slot)) = inner.get_mut(&key) {
@@ -198,13 +198,13 @@ where
                     Mode::Get => slot.flight.is_none(),
                 };
                 if reuse {
-                    return Entry::Reused(stored.clone());
+                    return Stage::Reused(Some(stored.clone()));
                 }
             }
             if let Some(flight) = &mut slot.flight {
                 let flight = flight.share();
                 flight.add_waiter(kind);
-                return Entry::Join(Waiter::new(self, key, at, flight, kind, mode));
+                return Stage::Join(Waiter::new(self, key, at, flight, kind, mode));
             }
             slot.flight = Some(FlightRef::Solo(id));
             at
@@ -216,7 +216,7 @@ where
             inner.insert(key.clone(), slot)
         };
         drop(inner);
-        Entry::Lead(Driver::new(self, key, at, id, None, None))
+        Stage::Drive(Driver::new(self, key, at, id, None, None))
     }
 
     /// A driver's result: stamps it, stores it if the flight is still the
