@@ -184,13 +184,10 @@ where
         // `T::clone` panics there, this driver is still unfinished, and its
         // drop hands the flight on as after a panic in the work.
         let own = self.flight.as_ref();
-        let (finished, publish) = self
+        let done = &mut self.finished;
+        let finished = self
             .sf
-            .complete_flight(&self.key, self.at, self.id, own, result);
-        self.finished = true;
-        if let Some((flight, published)) = publish {
-            flight.complete(published);
-        }
+            .complete_flight(&self.key, self.at, self.id, own, result, done);
         with_role(finished, self.role)
     }
 }

@@ -98,9 +98,6 @@ pub(crate) enum Mode {
     Get,
 }
 
-/// A finished flight's shared state and the followers' copy of its result.
-pub(crate) type Publish<T, E> = (Arc<Flight<T, E>>, Finished<T, E>);
-
 /// Things to drop once the map lock is released (DESIGN I8).
 #[must_use]
 pub(crate) struct Leftovers<K, T, E> {
@@ -220,8 +217,11 @@ where
     }
 
     /// A driver's result: stamps it, stores it if the flight is still the
-    /// key's, and unhooks the flight. Returns the flight's shared state so the
-    /// driver can publish the result to followers.
+    /// key's, unhooks the flight, sets `done` (the driver has nothing left to
+    /// hand on), and publishes the result to the followers.
+    ///
+    /// Returns the stamped result alone (two words for a small `T`): a
+    /// bigger return value costs a stall on the uncontended path.
     pub(crate) fn complete_flight(
         &self,
         key: &K,
@@ -229,7 +229,8 @@ where
         id: FlightId,
         own: Option<&Arc<Flight<T, E>>>,
         result: Result<T, E>,
-    ) -> (Finished<T, E>, Option<Publish<T, E>>) {
+        done: &mut bool,
+    ) -> Finished<T, E> {
         // Every user clone happens before anything changes, so that a panic
         // in `T::clone` or `E::clone` leaves the flight as it was, and its
         // unfinished driver hands it on. The stored copy is made unlocked.
@@ -256,8 +257,12 @@ where
             }
         }
         drop(inner);
+        *done = true;
+        if let Some((flight, published)) = publish {
+            flight.complete(published);
+        }
         drop((replaced, removed, found.shared));
-        (finished, publish)
+        finished
     }
 
     /// A driver gave up (cancelled or panicked): hand the flight to a
