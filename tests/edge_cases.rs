@@ -272,3 +272,51 @@ fn a_reused_slot_never_answers_for_its_previous_key() {
         );
     });
 }
+
+/// A `T` whose drop panics once `armed` is set and it is the stored value
+/// being replaced (value 1).
+#[derive(Clone)]
+struct DropBomb(u32, Arc<AtomicBool>);
+
+impl Drop for DropBomb {
+    fn drop(&mut self) {
+        if self.0 == 1 && self.1.swap(false, Ordering::SeqCst) {
+            panic!("T::drop panicked");
+        }
+    }
+}
+
+/// A panic in the drop of the value a flight replaces reaches the driver,
+/// but only after the result is stored and published: the waiting follower
+/// gets it instead of waiting forever for a flight nobody drives.
+#[test]
+fn drop_panic_of_the_replaced_value_still_publishes_to_followers() {
+    with_timeout("drop_panic_of_the_replaced_value_still_publishes", || {
+        let sf: SingleFlight<&str, DropBomb> = SingleFlight::new();
+        let armed = Arc::new(AtomicBool::new(false));
+        sf.set("k", DropBomb(1, armed.clone()));
+        let gate = Gate::new();
+        let (g, a) = (gate.clone(), armed.clone());
+        let mut leader = Box::pin(sf.run("k", move || async move {
+            g.wait().await;
+            DropBomb(2, a)
+        }));
+        let mut follower = Box::pin(sf.run("k", || async { unreachable!("joins") }));
+        assert!(poll_once(leader.as_mut()).is_pending());
+        assert!(poll_once(follower.as_mut()).is_pending());
+        assert_eq!(sf.waiters("k"), 1);
+        armed.store(true, Ordering::SeqCst);
+        gate.open();
+        let panicked = catch_unwind(AssertUnwindSafe(|| poll_once(leader.as_mut())));
+        assert!(panicked.is_err(), "the drop panic reaches the driver");
+        assert!(
+            !armed.load(Ordering::SeqCst),
+            "the stored value was replaced"
+        );
+        drop(leader);
+        let joined = block_on(follower);
+        assert_eq!((joined.value.0, joined.role), (2, Role::Joined));
+        assert_eq!(sf.current("k").map(|v| v.value.0), Some(2));
+        assert!(!sf.is_in_flight("k"));
+    });
+}
