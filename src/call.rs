@@ -89,9 +89,10 @@ where
                             .expect("an epochflight call was polled after it panicked");
                         driver.start(|| make.make());
                     }
-                    let outcome = ready!(driver.poll_work(cx));
+                    let finished = ready!(driver.poll_work(cx));
+                    let role = driver.role();
                     self.stage = Stage::Finished;
-                    return Poll::Ready(outcome);
+                    return Poll::Ready(with_role(finished, role));
                 }
                 Stage::Join(waiter) => match ready!(waiter.poll_step(cx)) {
                     Next::Reused(v) => {

@@ -73,7 +73,7 @@ pub(crate) fn reused<T>(stored: Versioned<T>) -> Outcome<T> {
 }
 
 pub(crate) fn with_role<T, E>(result: Finished<T, E>, role: Role) -> Result<Outcome<T>, E> {
-    result.map(|(value, epoch)| Outcome::new(value, epoch, role))
+    result.map(|(value, stamp)| Outcome::new(value, stamp.into(), role))
 }
 
 /// The caller that runs a flight's work: its leader, a follower that adopted
@@ -151,7 +151,10 @@ where
         self.work = Some(work);
     }
 
-    pub(crate) fn poll_work(&mut self, cx: &mut Context<'_>) -> Poll<Result<Outcome<T>, E>> {
+    /// Polls the work; once it is done, finishes the flight and returns the
+    /// stamped result (the caller adds its [`role`](Self::role): a smaller
+    /// return value, passed in registers for a small `T`).
+    pub(crate) fn poll_work(&mut self, cx: &mut Context<'_>) -> Poll<Finished<T, E>> {
         let work = self.work.as_mut().expect("driver polled without work");
         self.busy = true;
         let poll = work.poll(cx);
@@ -164,7 +167,12 @@ where
     }
 
     fn drive_blocking(mut self) -> Result<Outcome<T>, E> {
-        block_on(poll_fn(|cx| self.poll_work(cx)))
+        let finished = block_on(poll_fn(|cx| self.poll_work(cx)));
+        with_role(finished, self.role)
+    }
+
+    pub(crate) fn role(&self) -> Role {
+        self.role
     }
 
     fn run_blocking<F>(mut self, f: F) -> Result<Outcome<T>, E>
@@ -174,21 +182,20 @@ where
         self.busy = true;
         let result = f();
         self.busy = false;
-        self.finish(result)
+        let finished = self.finish(result);
+        with_role(finished, self.role)
     }
 
     /// Stores the result (if the map still holds this flight) and publishes
     /// it to the followers.
-    fn finish(&mut self, result: Result<T, E>) -> Result<Outcome<T>, E> {
+    fn finish(&mut self, result: Result<T, E>) -> Finished<T, E> {
         // `complete_flight` makes every clone before it changes anything: if
         // `T::clone` panics there, this driver is still unfinished, and its
         // drop hands the flight on as after a panic in the work.
         let own = self.flight.as_ref();
         let done = &mut self.finished;
-        let finished = self
-            .sf
-            .complete_flight(&self.key, self.at, self.id, own, result, done);
-        with_role(finished, self.role)
+        self.sf
+            .complete_flight(&self.key, self.at, self.id, own, result, done)
     }
 }
 

@@ -1,6 +1,7 @@
 //! Generation numbers and the values they stamp.
 
 use std::fmt;
+use std::num::NonZeroU64;
 
 /// The generation of a stored value.
 ///
@@ -54,6 +55,25 @@ impl fmt::Display for Epoch {
         } else {
             write!(f, "{}", self.0)
         }
+    }
+}
+
+/// An issued epoch, as flights carry it internally: never [`Epoch::NONE`],
+/// so `Poll<Result<(T, Stamp), E>>` needs no tag of its own and a small
+/// result travels back from the work in two registers.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) struct Stamp(NonZeroU64);
+
+impl Stamp {
+    /// The epoch numbered `n`, which is not 0.
+    pub(crate) fn issued(n: u64) -> Self {
+        Stamp(NonZeroU64::new(n).expect("issued epochs start at 1"))
+    }
+}
+
+impl From<Stamp> for Epoch {
+    fn from(stamp: Stamp) -> Self {
+        Epoch(stamp.0.get())
     }
 }
 

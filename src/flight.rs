@@ -14,7 +14,7 @@
 use std::mem;
 use std::task::Waker;
 
-use crate::epoch::Epoch;
+use crate::epoch::Stamp;
 use crate::sync::Mutex;
 use crate::work::Work;
 
@@ -23,7 +23,7 @@ use crate::work::Work;
 pub(crate) type FlightId = u64;
 
 /// A completed flight's result as every caller sees it.
-pub(crate) type Finished<T, E> = Result<(T, Epoch), E>;
+pub(crate) type Finished<T, E> = Result<(T, Stamp), E>;
 
 /// How a follower waits, which decides who inherits orphaned async work:
 /// an async follower is preferred, a blocking one would have to drive the

@@ -249,8 +249,8 @@ where
         if found.attached {
             let slot = inner.at_mut(at).expect("an attached flight has its slot");
             match (&finished, copy) {
-                (Ok((_, epoch)), Some(value)) => {
-                    let epoch = *epoch;
+                (Ok((_, stamp)), Some(value)) => {
+                    let epoch = Epoch::from(*stamp);
                     replaced = slot.value.replace(Versioned { value, epoch });
                 }
                 _ => removed = inner.prune(key, at),
@@ -756,7 +756,7 @@ where
     /// drop outside its own locks.
     pub(crate) fn replace(&self, key: K, value: T) -> (Epoch, Option<Versioned<T>>) {
         let mut inner = self.inner.lock();
-        let epoch = inner.next_epoch();
+        let epoch = Epoch::from(inner.next_epoch());
         let stored = Versioned { value, epoch };
         let replaced = match inner.get_mut(&key) {
             Some((_, slot)) => {

@@ -16,7 +16,7 @@ use std::cell::Cell;
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hash};
 
-use crate::epoch::{Epoch, Versioned};
+use crate::epoch::{Epoch, Stamp, Versioned};
 use crate::flight::{Flight, FlightId};
 use crate::sync::Arc;
 
@@ -137,9 +137,9 @@ impl<K, T, E, S> Slots<K, T, E, S> {
     }
 
     /// A new epoch, greater than every epoch issued before, for any key.
-    pub(crate) fn next_epoch(&mut self) -> Epoch {
+    pub(crate) fn next_epoch(&mut self) -> Stamp {
         self.last_epoch += 1;
-        Epoch(self.last_epoch)
+        Stamp::issued(self.last_epoch)
     }
 
     /// A new flight id, never issued before.
