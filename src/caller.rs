@@ -88,7 +88,6 @@ where
     S: BuildHasher,
 {
     sf: &'a SingleFlight<K, T, E, S>,
-    key: K,
     /// Where the flight started; the id tells whether it is still there.
     at: SlotId,
     id: FlightId,
@@ -114,7 +113,6 @@ where
 {
     pub(crate) fn new(
         sf: &'a SingleFlight<K, T, E, S>,
-        key: K,
         at: SlotId,
         id: FlightId,
         flight: Option<Arc<Flight<T, E>>>,
@@ -127,7 +125,6 @@ where
         };
         Self {
             sf,
-            key,
             at,
             id,
             flight,
@@ -194,8 +191,7 @@ where
         // drop hands the flight on as after a panic in the work.
         let own = self.flight.as_ref();
         let done = &mut self.finished;
-        self.sf
-            .complete_flight(&self.key, self.at, self.id, own, result, done)
+        self.sf.complete_flight(self.at, self.id, own, result, done)
     }
 }
 
@@ -221,9 +217,9 @@ where
         } else {
             work
         };
-        let leftover =
-            self.sf
-                .abandon_flight(&self.key, self.at, self.id, self.flight.take(), handed);
+        let leftover = self
+            .sf
+            .abandon_flight(self.at, self.id, self.flight.take(), handed);
         // User futures are dropped here, after every lock is released.
         drop(leftover);
     }
@@ -240,11 +236,13 @@ where
     S: BuildHasher,
 {
     sf: &'a SingleFlight<K, T, E, S>,
-    /// `None` once resolved (or turned into a driver): nothing to withdraw.
-    key: Option<K>,
+    /// Its key, to look for a newer value if it is promoted (DESIGN I3).
+    key: K,
     at: SlotId,
     flight: Arc<Flight<T, E>>,
-    kind: WaitKind,
+    /// How it waits; `None` once resolved or turned into a driver: nothing
+    /// to withdraw.
+    waiting: Option<WaitKind>,
     /// What the caller asked for, checked again if it is promoted.
     mode: Mode,
     registration: Registration,
@@ -285,10 +283,10 @@ where
     ) -> Self {
         Self {
             sf,
-            key: Some(key),
+            key,
             at,
             flight,
-            kind,
+            waiting: Some(kind),
             mode,
             registration: Registration::default(),
         }
@@ -297,19 +295,18 @@ where
     /// Looks at the flight; `Pending` with the waker registered if there is
     /// nothing to do yet.
     pub(crate) fn poll_step(&mut self, cx: &mut Context<'_>) -> Poll<Next<'a, K, T, E, S>> {
-        let step = self
-            .flight
-            .step(self.kind, cx.waker(), &mut self.registration);
+        let kind = self.waiting.expect("a resolved follower stepped again");
+        let step = self.flight.step(kind, cx.waker(), &mut self.registration);
         Poll::Ready(match step {
             Step::Wait => return Poll::Pending,
             Step::Done(result) => {
-                self.key = None;
+                self.waiting = None;
                 Next::Done(result)
             }
             Step::Adopt(work) => Next::Adopt(self.become_driver(Some(work))),
             Step::Promote => {
                 let driver = self.become_driver(None);
-                match self.sf.reusable(&driver.key, self.mode) {
+                match self.sf.reusable(&self.key, self.mode) {
                     // Running now would refresh a value newer than the one
                     // this caller saw. Pass the vacancy on (dropping an
                     // unstarted driver does) and reuse the value.
@@ -321,10 +318,9 @@ where
     }
 
     fn become_driver(&mut self, work: Option<Work<T, E>>) -> Driver<'a, K, T, E, S> {
-        let key = self.key.take().expect("a resolved follower stepped again");
+        self.waiting = None;
         Driver::new(
             self.sf,
-            key,
             self.at,
             self.flight.id,
             Some(self.flight.clone()),
@@ -341,10 +337,10 @@ where
     S: BuildHasher,
 {
     fn drop(&mut self) {
-        if let Some(key) = self.key.take() {
-            let leftover =
-                self.sf
-                    .leave_flight(&key, self.at, &self.flight, self.kind, self.registration);
+        if let Some(kind) = self.waiting {
+            let leftover = self
+                .sf
+                .leave_flight(self.at, &self.flight, kind, self.registration);
             drop(leftover);
         }
     }

@@ -12,6 +12,7 @@
 //! the registration, and a follower costs no allocation of its own.
 
 use std::mem;
+use std::num::NonZeroU32;
 use std::task::Waker;
 
 use crate::epoch::Stamp;
@@ -85,8 +86,27 @@ pub(crate) struct Leave<T, E> {
 }
 
 /// A follower's place in [`Wakers`]: valid only in the round it was taken.
+///
+/// Two words (the index is stored plus one, so `None` costs no tag): it
+/// lives in every follower's future, which callers move and spawn.
 #[derive(Clone, Copy, Default, Debug)]
-pub(crate) struct Registration(Option<(u64, usize)>);
+pub(crate) struct Registration(Option<(u64, NonZeroU32)>);
+
+impl Registration {
+    fn new(round: u64, index: usize) -> Self {
+        let stored = u32::try_from(index + 1)
+            .ok()
+            .and_then(NonZeroU32::new)
+            .expect("a flight has fewer than 4 billion followers waiting");
+        Registration(Some((round, stored)))
+    }
+
+    /// The round and slot index, if registered.
+    fn get(self) -> Option<(u64, usize)> {
+        self.0
+            .map(|(round, stored)| (round, stored.get() as usize - 1))
+    }
+}
 
 /// The wakers of the followers waiting for the next phase change: a slab, so
 /// a follower that comes and goes during a long flight reuses a slot.
@@ -107,7 +127,7 @@ impl Wakers {
     /// Leaves `waker` to be woken by the next phase change. Returns a waker
     /// it replaced, to be dropped once unlocked.
     fn register(&mut self, waker: &Waker, at: &mut Registration) -> Option<Waker> {
-        if let Registration(Some((round, index))) = *at {
+        if let Some((round, index)) = at.get() {
             if round == self.round {
                 if let WakerSlot::Taken(old) = &mut self.slots[index] {
                     if old.will_wake(waker) {
@@ -131,14 +151,12 @@ impl Wakers {
                 self.slots.len() - 1
             }
         };
-        *at = Registration(Some((self.round, index)));
+        *at = Registration::new(self.round, index);
         None
     }
 
     fn unregister(&mut self, at: Registration) -> Option<Waker> {
-        let Registration(Some((round, index))) = at else {
-            return None;
-        };
+        let (round, index) = at.get()?;
         if round != self.round {
             return None;
         }

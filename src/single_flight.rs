@@ -210,10 +210,10 @@ where
                 value: None,
                 flight: Some(FlightRef::Solo(id)),
             };
-            inner.insert(key.clone(), slot)
+            inner.insert(key, slot)
         };
         drop(inner);
-        Stage::Drive(Driver::new(self, key, at, id, None, None))
+        Stage::Drive(Driver::new(self, at, id, None, None))
     }
 
     /// A driver's result: stamps it, stores it if the flight is still the
@@ -224,7 +224,6 @@ where
     /// bigger return value costs a stall on the uncontended path.
     pub(crate) fn complete_flight(
         &self,
-        key: &K,
         at: SlotId,
         id: FlightId,
         own: Option<&Arc<Flight<T, E>>>,
@@ -253,7 +252,7 @@ where
                     let epoch = Epoch::from(*stamp);
                     replaced = slot.value.replace(Versioned { value, epoch });
                 }
-                _ => removed = inner.prune(key, at),
+                _ => removed = inner.prune(at),
             }
         }
         drop(inner);
@@ -269,7 +268,6 @@ where
     /// follower, or free the key if none is left.
     pub(crate) fn abandon_flight(
         &self,
-        key: &K,
         at: SlotId,
         id: FlightId,
         own: Option<Arc<Flight<T, E>>>,
@@ -286,7 +284,7 @@ where
             Ok(wake) => leftovers._wake = wake,
             Err(work) => {
                 leftovers._work = work;
-                self.unhook(&mut inner, key, at, id, &mut leftovers);
+                self.unhook(&mut inner, at, id, &mut leftovers);
             }
         }
         drop(inner);
@@ -309,7 +307,6 @@ where
     /// A follower left without its result.
     pub(crate) fn leave_flight(
         &self,
-        key: &K,
         at: SlotId,
         flight: &Arc<Flight<T, E>>,
         kind: WaitKind,
@@ -322,7 +319,7 @@ where
         leftovers._wake = left.wake;
         if let Some(work) = left.abandoned {
             leftovers._work = work;
-            self.unhook(&mut inner, key, at, flight.id, &mut leftovers);
+            self.unhook(&mut inner, at, flight.id, &mut leftovers);
         }
         drop(inner);
         leftovers
@@ -332,14 +329,13 @@ where
     fn unhook(
         &self,
         inner: &mut Slots<K, T, E, S>,
-        key: &K,
         at: SlotId,
         id: FlightId,
         leftovers: &mut Leftovers<K, T, E>,
     ) {
         let found = inner.take_flight(at, id);
         if found.attached {
-            leftovers._slot = inner.prune(key, at);
+            leftovers._slot = inner.prune(at);
         }
         leftovers._flight = found.shared;
     }

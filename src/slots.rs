@@ -227,14 +227,17 @@ where
         Some(slot)
     }
 
-    /// Removes `key`'s slot (at `at`) if it holds nothing any more.
-    pub(crate) fn prune(&mut self, key: &K, at: SlotId) -> Option<(K, Slot<T, E>)> {
+    /// Removes the slot at `at` if it holds nothing any more. Its key is
+    /// the slab's copy: a driver keeps no key of its own.
+    pub(crate) fn prune(&mut self, at: SlotId) -> Option<(K, Slot<T, E>)> {
         let slot = self.at(at)?;
-        if slot.value.is_none() && slot.flight.is_none() {
-            self.remove(key)
-        } else {
-            None
+        if slot.value.is_some() || slot.flight.is_some() {
+            return None;
         }
+        let (key, slot) = self.slab[at].take()?;
+        self.index.remove(&key);
+        self.free.push(at);
+        Some((key, slot))
     }
 
     /// Unhooks flight `id`, which started in slot `at`, from wherever the map
