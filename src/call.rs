@@ -75,7 +75,18 @@ where
         }
     }
 
+    /// The reuse fast path inline; every other stage out of line.
+    #[inline]
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Result<Outcome<T>, E>> {
+        if let Stage::Reused(stored) = &mut self.stage {
+            if let Some(v) = stored.take() {
+                return Poll::Ready(Ok(reused(v)));
+            }
+        }
+        self.poll_stage(cx)
+    }
+
+    fn poll_stage(&mut self, cx: &mut Context<'_>) -> Poll<Result<Outcome<T>, E>> {
         loop {
             // Every stage is polled in place. After a panic in user code the
             // driver stays here until the future is dropped; it knows it was
