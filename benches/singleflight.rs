@@ -799,9 +799,123 @@ fn blocking(c: &mut Criterion) {
     group.finish();
 }
 
+// ---------------------------------------------------------------------------
+// Paired ratios. Criterion times rows one after another, so a noisy phase of
+// a shared machine can land on one row and not on its baseline (here a row
+// moves by a third between runs while its neighbour does not). These
+// alternate short chunks of epochflight and the bare row, in both orders,
+// and print the median of the per-pair ratios, which such a phase moves on
+// both sides alike. Printed, like the executions per burst; run alone with
+// `cargo bench --bench singleflight -- paired`.
+
+/// Criterion's positional filter, if one was given.
+fn filter() -> Option<String> {
+    const TAKES_VALUE: &[&str] = &[
+        "--save-baseline",
+        "--baseline",
+        "--baseline-lenient",
+        "--load-baseline",
+        "--measurement-time",
+        "--warm-up-time",
+        "--sample-size",
+        "--profile-time",
+        "--output-format",
+        "--color",
+        "--plotting-backend",
+        "--noise-threshold",
+        "--significance-level",
+        "--confidence-level",
+        "--nresamples",
+    ];
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        if TAKES_VALUE.contains(&arg.as_str()) {
+            args.next();
+        } else if !arg.starts_with('-') {
+            return Some(arg);
+        }
+    }
+    None
+}
+
+/// Times `chunk` awaits of `op` in one `block_on`.
+fn time_chunk<F, Fut>(rt: &Runtime, chunk: u32, op: &mut F) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: Future,
+{
+    rt.block_on(async {
+        let start = Instant::now();
+        for _ in 0..chunk {
+            black_box(op().await);
+        }
+        start.elapsed()
+    })
+}
+
+fn paired_ratio<A, FutA, B, FutB>(name: &str, rt: &Runtime, mut ours: A, mut bare: B)
+where
+    A: FnMut() -> FutA,
+    FutA: Future,
+    B: FnMut() -> FutB,
+    FutB: Future,
+{
+    let id = format!("paired/{name}");
+    if filter().is_some_and(|f| !id.contains(&f) && !f.contains("paired")) {
+        return;
+    }
+    let test_mode = std::env::args().any(|a| a == "--test");
+    let (pairs, chunk) = if test_mode { (2, 10) } else { (2_000, 2_000) };
+    let mut ratios = Vec::with_capacity(pairs);
+    for i in 0..pairs {
+        // Alternate which side goes first, so neither always runs warm.
+        let (a, b) = if i % 2 == 0 {
+            let a = time_chunk(rt, chunk, &mut ours);
+            (a, time_chunk(rt, chunk, &mut bare))
+        } else {
+            let b = time_chunk(rt, chunk, &mut bare);
+            (time_chunk(rt, chunk, &mut ours), b)
+        };
+        ratios.push(a.as_secs_f64() / b.as_secs_f64());
+    }
+    ratios.sort_by(f64::total_cmp);
+    let at = |q: f64| ratios[((ratios.len() - 1) as f64 * q) as usize];
+    println!(
+        "{id}: epochflight / bare_lock_map, median of {pairs} alternating pairs of {chunk} calls: \
+         {:.2} (quartiles {:.2}-{:.2})",
+        at(0.5),
+        at(0.25),
+        at(0.75)
+    );
+}
+
+fn paired(_: &mut Criterion) {
+    let rt = runtime();
+    let map = Bare::default();
+    let bare = || async {
+        map.lock().insert(KEY, ());
+        map.lock().remove(&KEY)
+    };
+    let flights: SingleFlight<u64, u64> = SingleFlight::new();
+    paired_ratio(
+        "uncontended",
+        &rt,
+        || flights.run(KEY, || async { 1 }),
+        bare,
+    );
+    let stale = flights.set(KEY, 1);
+    flights.set(KEY, 2);
+    paired_ratio(
+        "reused_refresh_stale",
+        &rt,
+        || flights.refresh_if_current(KEY, black_box(stale), || async { 0 }),
+        bare,
+    );
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().nresamples(20_000);
-    targets = uncontended, reused, fanout, burst, keys, blocking
+    targets = uncontended, reused, fanout, burst, keys, blocking, paired
 }
 criterion_main!(benches);
