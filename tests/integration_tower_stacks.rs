@@ -12,8 +12,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::with_timeout;
 use epochflight::auth::{
-    AuthError, AuthLayer, AuthService, NotReplayed, NotReplayedReason, RefreshError, SkipAuth,
-    TokenManager,
+    AuthError, AuthLayer, AuthService, NotReplayed, NotReplayedReason, RefreshError, ServiceError,
+    SkipAuth, TokenManager,
 };
 use http::header::{AUTHORIZATION, CONTENT_TYPE};
 use http::{Request, Response};
@@ -399,6 +399,70 @@ fn any_body_works_without_replay_and_with_a_grpc_classifier() {
                 .unwrap();
             assert_eq!(retry.headers()["grpc-status"], "0");
             assert_eq!(manager.stats().refresh_calls, 1);
+        },
+    );
+}
+
+/// A service whose first `poll_ready` succeeds and every later one fails,
+/// and whose responses are all `401`.
+#[derive(Clone, Default)]
+struct ReadyOnce {
+    polls: Arc<std::sync::atomic::AtomicUsize>,
+    calls: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl tower::Service<Request<Full<Bytes>>> for ReadyOnce {
+    type Response = Response<String>;
+    type Error = &'static str;
+    type Future = std::future::Ready<Result<Response<String>, &'static str>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        use std::sync::atomic::Ordering::SeqCst;
+        std::task::Poll::Ready(match self.polls.fetch_add(1, SeqCst) {
+            0 => Ok(()),
+            _ => Err("not ready for the replay"),
+        })
+    }
+
+    fn call(&mut self, _: Request<Full<Bytes>>) -> Self::Future {
+        self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let response = Response::builder().status(401).body(String::new());
+        std::future::ready(Ok(response.unwrap()))
+    }
+}
+
+/// A replay the inner service was never ready for is not counted as a
+/// retry: `stats().retries` counts requests sent again.
+#[test]
+fn a_replay_that_never_got_a_ready_service_is_not_counted() {
+    run(
+        "a_replay_that_never_got_a_ready_service_is_not_counted",
+        || async {
+            let manager = Arc::new(TokenManager::with_token(
+                |_stale: Option<String>| async { Ok::<_, RefreshError<String>>("fresh".into()) },
+                "stale".to_string(),
+            ));
+            let inner = ReadyOnce::default();
+            let service = AuthLayer::new(manager.clone()).layer(inner.clone());
+            let request = Request::get("http://x/resource")
+                .body(Full::default())
+                .unwrap();
+            let error = service.oneshot(request).await.unwrap_err();
+            assert!(
+                matches!(error, ServiceError::Service("not ready for the replay")),
+                "{error:?}"
+            );
+            use std::sync::atomic::Ordering::SeqCst;
+            assert_eq!(
+                inner.calls.load(SeqCst),
+                1,
+                "only the first attempt was sent"
+            );
+            assert_eq!(manager.stats().refresh_calls, 1);
+            assert_eq!(manager.stats().retries, 0, "no request was sent again");
         },
     );
 }

@@ -409,10 +409,12 @@ where
     // Release the response (and its connection) before waiting.
     drop((head, body));
     let fresh = manager.refresh_if_current(token.epoch).await?;
-    manager.count_retry();
     std::future::poll_fn(|cx| inner.poll_ready(cx))
         .await
         .map_err(ServiceError::Service)?;
+    // Counted once the replay is really sent: not if the service was never
+    // ready for it.
+    manager.count_retry();
     let second = with_token(&config, &fresh.value, request_head, request_body);
     let (mut head, body) = inner
         .call(second)
