@@ -889,6 +889,49 @@ where
     );
 }
 
+/// Like [`paired_ratio`] for batches of `n` tasks: prints the median over
+/// alternating pairs of (epochflight's batch − the harness's batch) / n, the
+/// cost per waiter above the harness.
+fn paired_per_waiter<A, FutA, B, FutB>(
+    name: &str,
+    rt: &Runtime,
+    n: usize,
+    mut ours: A,
+    mut harness: B,
+) where
+    A: FnMut() -> FutA,
+    FutA: Future,
+    B: FnMut() -> FutB,
+    FutB: Future,
+{
+    let id = format!("paired/{name}");
+    if filter().is_some_and(|f| !id.contains(&f) && !f.contains("paired")) {
+        return;
+    }
+    let test_mode = std::env::args().any(|a| a == "--test");
+    let pairs = if test_mode { 2 } else { 400 };
+    let mut per_waiter = Vec::with_capacity(pairs);
+    for i in 0..pairs {
+        let (ta, tb) = if i % 2 == 0 {
+            let ta = time_chunk(rt, 1, &mut ours);
+            (ta, time_chunk(rt, 1, &mut harness))
+        } else {
+            let tb = time_chunk(rt, 1, &mut harness);
+            (time_chunk(rt, 1, &mut ours), tb)
+        };
+        per_waiter.push((ta.as_secs_f64() - tb.as_secs_f64()) * 1e9 / n as f64);
+    }
+    per_waiter.sort_by(f64::total_cmp);
+    let at = |q: f64| per_waiter[((per_waiter.len() - 1) as f64 * q) as usize];
+    println!(
+        "{id}: epochflight above harness, ns per waiter, median of {pairs} alternating pairs \
+         of batches: {:.1} (quartiles {:.1}-{:.1})",
+        at(0.5),
+        at(0.25),
+        at(0.75)
+    );
+}
+
 fn paired(_: &mut Criterion) {
     let rt = runtime();
     let map = Bare::default();
@@ -910,6 +953,15 @@ fn paired(_: &mut Criterion) {
         &rt,
         || flights.refresh_if_current(KEY, black_box(stale), || async { 0 }),
         bare,
+    );
+    let n = 1000;
+    let fanout = Arc::new(Epochflight::new());
+    paired_per_waiter(
+        "fanout_1000",
+        &rt,
+        n,
+        || gated_flights(fanout.clone(), n, false),
+        || gated_harness(n, false),
     );
 }
 
