@@ -21,8 +21,8 @@ use crate::work::Work;
 
 /// Where a caller is in its call. Set when it registers with the map
 /// (synchronously, at call time: that is what makes a burst of callers
-/// coalesce), then advanced in place by the async call's future: it is the
-/// future's state, so registering writes it where it stays.
+/// coalesce), then advanced in place: it is the async call's future state as
+/// `enter` returns it, with no conversion in between.
 pub(crate) enum Stage<'a, K, T, E, S>
 where
     K: Hash + Eq + Clone,
