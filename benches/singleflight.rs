@@ -853,7 +853,55 @@ where
     })
 }
 
-fn paired_ratio<A, FutA, B, FutB>(name: &str, rt: &Runtime, mut ours: A, mut bare: B)
+/// Times `ours` and `base` (`chunk` awaits each) in `pairs` alternating
+/// pairs, in both orders so that neither always runs warm, and returns
+/// `compare(ours, base)` for every pair, sorted; nothing if criterion's
+/// filter excludes `id`. In `--test` mode, two short pairs.
+fn pairs_of<A, FutA, B, FutB>(
+    id: &str,
+    rt: &Runtime,
+    (pairs, chunk): (usize, u32),
+    mut ours: A,
+    mut base: B,
+    compare: impl Fn(Duration, Duration) -> f64,
+) -> Option<Vec<f64>>
+where
+    A: FnMut() -> FutA,
+    FutA: Future,
+    B: FnMut() -> FutB,
+    FutB: Future,
+{
+    if filter().is_some_and(|f| !id.contains(&f) && !f.contains("paired")) {
+        return None;
+    }
+    let (pairs, chunk) = if std::env::args().any(|a| a == "--test") {
+        (2, chunk.min(10))
+    } else {
+        (pairs, chunk)
+    };
+    let mut values: Vec<f64> = (0..pairs)
+        .map(|i| {
+            let (a, b) = if i % 2 == 0 {
+                let a = time_chunk(rt, chunk, &mut ours);
+                (a, time_chunk(rt, chunk, &mut base))
+            } else {
+                let b = time_chunk(rt, chunk, &mut base);
+                (time_chunk(rt, chunk, &mut ours), b)
+            };
+            compare(a, b)
+        })
+        .collect();
+    values.sort_by(f64::total_cmp);
+    Some(values)
+}
+
+/// The median and quartiles of sorted values.
+fn quartiles(sorted: &[f64]) -> (f64, f64, f64) {
+    let at = |q: f64| sorted[((sorted.len() - 1) as f64 * q) as usize];
+    (at(0.5), at(0.25), at(0.75))
+}
+
+fn paired_ratio<A, FutA, B, FutB>(name: &str, rt: &Runtime, ours: A, bare: B)
 where
     A: FnMut() -> FutA,
     FutA: Future,
@@ -861,74 +909,40 @@ where
     FutB: Future,
 {
     let id = format!("paired/{name}");
-    if filter().is_some_and(|f| !id.contains(&f) && !f.contains("paired")) {
+    let (pairs, chunk) = (2_000, 2_000);
+    let ratio = |a: Duration, b: Duration| a.as_secs_f64() / b.as_secs_f64();
+    let Some(ratios) = pairs_of(&id, rt, (pairs, chunk), ours, bare, ratio) else {
         return;
-    }
-    let test_mode = std::env::args().any(|a| a == "--test");
-    let (pairs, chunk) = if test_mode { (2, 10) } else { (2_000, 2_000) };
-    let mut ratios = Vec::with_capacity(pairs);
-    for i in 0..pairs {
-        // Alternate which side goes first, so neither always runs warm.
-        let (a, b) = if i % 2 == 0 {
-            let a = time_chunk(rt, chunk, &mut ours);
-            (a, time_chunk(rt, chunk, &mut bare))
-        } else {
-            let b = time_chunk(rt, chunk, &mut bare);
-            (time_chunk(rt, chunk, &mut ours), b)
-        };
-        ratios.push(a.as_secs_f64() / b.as_secs_f64());
-    }
-    ratios.sort_by(f64::total_cmp);
-    let at = |q: f64| ratios[((ratios.len() - 1) as f64 * q) as usize];
+    };
+    let (median, low, high) = quartiles(&ratios);
     println!(
-        "{id}: epochflight / bare_lock_map, median of {pairs} alternating pairs of {chunk} calls: \
-         {:.2} (quartiles {:.2}-{:.2})",
-        at(0.5),
-        at(0.25),
-        at(0.75)
+        "{id}: epochflight / bare_lock_map, median of {} alternating pairs of chunks of calls: \
+         {median:.2} (quartiles {low:.2}-{high:.2})",
+        ratios.len()
     );
 }
 
 /// Like [`paired_ratio`] for batches of `n` tasks: prints the median over
 /// alternating pairs of (epochflight's batch − the harness's batch) / n, the
 /// cost per waiter above the harness.
-fn paired_per_waiter<A, FutA, B, FutB>(
-    name: &str,
-    rt: &Runtime,
-    n: usize,
-    mut ours: A,
-    mut harness: B,
-) where
+fn paired_per_waiter<A, FutA, B, FutB>(name: &str, rt: &Runtime, n: usize, ours: A, harness: B)
+where
     A: FnMut() -> FutA,
     FutA: Future,
     B: FnMut() -> FutB,
     FutB: Future,
 {
     let id = format!("paired/{name}");
-    if filter().is_some_and(|f| !id.contains(&f) && !f.contains("paired")) {
+    let per_waiter =
+        |a: Duration, b: Duration| (a.as_secs_f64() - b.as_secs_f64()) * 1e9 / n as f64;
+    let Some(values) = pairs_of(&id, rt, (400, 1), ours, harness, per_waiter) else {
         return;
-    }
-    let test_mode = std::env::args().any(|a| a == "--test");
-    let pairs = if test_mode { 2 } else { 400 };
-    let mut per_waiter = Vec::with_capacity(pairs);
-    for i in 0..pairs {
-        let (ta, tb) = if i % 2 == 0 {
-            let ta = time_chunk(rt, 1, &mut ours);
-            (ta, time_chunk(rt, 1, &mut harness))
-        } else {
-            let tb = time_chunk(rt, 1, &mut harness);
-            (time_chunk(rt, 1, &mut ours), tb)
-        };
-        per_waiter.push((ta.as_secs_f64() - tb.as_secs_f64()) * 1e9 / n as f64);
-    }
-    per_waiter.sort_by(f64::total_cmp);
-    let at = |q: f64| per_waiter[((per_waiter.len() - 1) as f64 * q) as usize];
+    };
+    let (median, low, high) = quartiles(&values);
     println!(
-        "{id}: epochflight above harness, ns per waiter, median of {pairs} alternating pairs \
-         of batches: {:.1} (quartiles {:.1}-{:.1})",
-        at(0.5),
-        at(0.25),
-        at(0.75)
+        "{id}: epochflight above harness, ns per waiter, median of {} alternating pairs \
+         of batches: {median:.1} (quartiles {low:.1}-{high:.1})",
+        values.len()
     );
 }
 
