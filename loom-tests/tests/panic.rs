@@ -8,8 +8,8 @@
 //! true for *every* loom thread. A `loom::sync::Mutex` (whose data sits in a
 //! `std::sync::Mutex`) locked by another thread before the panic and
 //! released during the unwinding is then poisoned, and the next `lock`
-//! panics inside loom (seen first in `parking`'s parker, which the crate's
-//! blocking waits use through event-listener), aborting the test binary.
+//! panics inside loom (seen first in the parker of event-listener, which the
+//! crate's blocking waits used then), aborting the test binary.
 //! So here the follower holds no lock while the leader unwinds: it
 //! registers (and maybe polls once), tells the leader to panic, and spins on
 //! a loom atomic (lock-free in loom; `loom::sync::Notify` would not do, its
