@@ -79,6 +79,10 @@ impl From<Stamp> for Epoch {
 
 /// How a caller obtained its [`Outcome`].
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+// A word, not a byte: the role is written last into every outcome, and
+// callers copy outcomes in whole words; a one-byte store read back inside a
+// wider load stalls the CPU (measured on the reuse fast path).
+#[repr(u64)]
 pub enum Role {
     /// This caller ran its own closure: it started the flight, or it was
     /// promoted because the flight's previous driver panicked, or was dropped
