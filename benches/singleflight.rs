@@ -15,10 +15,11 @@ mod common;
 use std::collections::HashMap;
 use std::future::{Future, poll_fn};
 use std::hint::black_box;
+use std::mem;
 use std::pin::{Pin, pin};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier};
-use std::task::Poll;
+use std::task::{Poll, Waker};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -413,6 +414,63 @@ async fn gated_harness(n: usize, distinct: bool) -> usize {
     gate.executions.load(Ordering::Relaxed)
 }
 
+/// The least a follower can do: park once on a plain list of wakers and be
+/// woken, with all the others, in one pass when the leader is done. No map,
+/// no flight, no result: the floor under any single-flight's fan-out.
+#[derive(Default)]
+struct Release {
+    done: AtomicBool,
+    wakers: Mutex<Vec<Waker>>,
+}
+
+impl Release {
+    fn release(&self) {
+        self.done.store(true, Ordering::Release);
+        let wakers = mem::take(&mut *self.wakers.lock());
+        for waker in wakers {
+            waker.wake();
+        }
+    }
+
+    async fn released(&self) {
+        poll_fn(|cx| {
+            // Checked again under the lock: `release` sets `done` before it
+            // takes the list, so a waker pushed here is always taken.
+            let mut wakers = self.wakers.lock();
+            if self.done.load(Ordering::Acquire) {
+                return Poll::Ready(());
+            }
+            wakers.push(cx.waker().clone());
+            Poll::Pending
+        })
+        .await
+    }
+}
+
+/// The harness with every follower parked on a [`Release`] until the leader
+/// is done: `harness_parked` − `harness` is what parking alone costs.
+async fn gated_parked(n: usize) -> usize {
+    let gate = Gate::new(n);
+    let release = Arc::new(Release::default());
+    spawn_all(n, |i| {
+        let (gate, release) = (gate.clone(), release.clone());
+        async move {
+            let work_gate = gate.clone();
+            let call = pin!(async move {
+                if i == 0 {
+                    held(work_gate).await;
+                    release.release();
+                } else {
+                    release.released().await;
+                }
+            });
+            gate.counted(call).await;
+        }
+    })
+    .await;
+    gate.executions.load(Ordering::Relaxed)
+}
+
 fn gated_row<V: Flights>(
     group: &mut BenchmarkGroup<'_, WallTime>,
     rt: &Runtime,
@@ -462,12 +520,12 @@ fn gated(c: &mut Criterion, name: &str, sizes: &[usize], distinct: bool) {
             execs.check(&format!("{name}/{n} {row}"), expected);
         }
         if !distinct {
-            // Every task parks on the gate and is woken once, as a follower
-            // must: the floor for a follower's cost, with no single-flight.
+            // Every follower parks once and is woken, as a follower must:
+            // the floor under a follower's cost, with no single-flight.
             let execs = bench_batches(&mut group, &rt, "harness_parked", n, move || {
-                gated_harness(n, true)
+                gated_parked(n)
             });
-            execs.check(&format!("{name}/{n} harness_parked"), n);
+            execs.check(&format!("{name}/{n} harness_parked"), 1);
         }
     }
     group.finish();
@@ -923,10 +981,15 @@ where
 }
 
 /// Like [`paired_ratio`] for batches of `n` tasks: prints the median over
-/// alternating pairs of (epochflight's batch − the harness's batch) / n, the
-/// cost per waiter above the harness.
-fn paired_per_waiter<A, FutA, B, FutB>(name: &str, rt: &Runtime, n: usize, ours: A, harness: B)
-where
+/// alternating pairs of (`ours`'s batch − `base`'s batch) / n, the cost per
+/// waiter of `ours` above `base` (named in `what`).
+fn paired_per_waiter<A, FutA, B, FutB>(
+    name: &str,
+    what: &str,
+    rt: &Runtime,
+    n: usize,
+    (ours, base): (A, B),
+) where
     A: FnMut() -> FutA,
     FutA: Future,
     B: FnMut() -> FutB,
@@ -935,12 +998,12 @@ where
     let id = format!("paired/{name}");
     let per_waiter =
         |a: Duration, b: Duration| (a.as_secs_f64() - b.as_secs_f64()) * 1e9 / n as f64;
-    let Some(values) = pairs_of(&id, rt, (400, 1), ours, harness, per_waiter) else {
+    let Some(values) = pairs_of(&id, rt, (400, 1), ours, base, per_waiter) else {
         return;
     };
     let (median, low, high) = quartiles(&values);
     println!(
-        "{id}: epochflight above harness, ns per waiter, median of {} alternating pairs \
+        "{id}: {what}, ns per waiter, median of {} alternating pairs \
          of batches: {median:.1} (quartiles {low:.1}-{high:.1})",
         values.len()
     );
@@ -970,13 +1033,15 @@ fn paired(_: &mut Criterion) {
     );
     let n = 1000;
     let fanout = Arc::new(Epochflight::new());
-    paired_per_waiter(
-        "fanout_1000",
-        &rt,
-        n,
-        || gated_flights(fanout.clone(), n, false),
-        || gated_harness(n, false),
-    );
+    let ours = || gated_flights(fanout.clone(), n, false);
+    let harness = || gated_harness(n, false);
+    let parked = || gated_parked(n);
+    let above = "epochflight above harness";
+    paired_per_waiter("fanout_1000", above, &rt, n, (ours, harness));
+    let parking = "harness_parked above harness (parking alone)";
+    paired_per_waiter("fanout_1000_parking", parking, &rt, n, (parked, harness));
+    let own = "epochflight above harness_parked (its own share)";
+    paired_per_waiter("fanout_1000_own", own, &rt, n, (ours, parked));
 }
 
 criterion_group! {
