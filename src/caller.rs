@@ -95,9 +95,10 @@ where
     /// solo flight finds the shared flight (if one was created) in the map.
     flight: Option<Arc<Flight<T, E>>>,
     work: Option<Work<T, E>>,
-    /// How its caller will have obtained the result: `Led` if it runs work
-    /// it made, `Joined` if it continues a cancelled driver's work.
-    role: Role,
+    /// Whether it continues a cancelled driver's work (its caller then
+    /// `Joined`) rather than running work it made (`Led`). A flag, not a
+    /// [`Role`], which is a word wide.
+    adopted: bool,
     /// True while user code (the closure or a poll of the work) runs. If the
     /// driver is dropped with it set, that code panicked.
     busy: bool,
@@ -118,18 +119,13 @@ where
         flight: Option<Arc<Flight<T, E>>>,
         work: Option<Work<T, E>>,
     ) -> Self {
-        let role = if work.is_some() {
-            Role::Joined
-        } else {
-            Role::Led
-        };
         Self {
             sf,
             at,
             id,
             flight,
+            adopted: work.is_some(),
             work,
-            role,
             busy: false,
             finished: false,
         }
@@ -165,11 +161,15 @@ where
 
     fn drive_blocking(mut self) -> Result<Outcome<T>, E> {
         let finished = block_on(poll_fn(|cx| self.poll_work(cx)));
-        with_role(finished, self.role)
+        with_role(finished, self.role())
     }
 
     pub(crate) fn role(&self) -> Role {
-        self.role
+        if self.adopted {
+            Role::Joined
+        } else {
+            Role::Led
+        }
     }
 
     fn run_blocking<F>(mut self, f: F) -> Result<Outcome<T>, E>
@@ -180,7 +180,7 @@ where
         let result = f();
         self.busy = false;
         let finished = self.finish(result);
-        with_role(finished, self.role)
+        with_role(finished, self.role())
     }
 
     /// Stores the result (if the map still holds this flight) and publishes
