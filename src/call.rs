@@ -200,7 +200,7 @@ where
     // Inline, so that a reused value goes straight into the awaiting
     // future: returned through memory from an out-of-line poll, the outcome
     // is read back right after it was written, a store-forwarding stall
-    // that cost the reuse fast path about a fifth of its time.
+    // that cost the reuse fast path about a sixth of its time.
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         self.get_mut().state.poll(cx)
