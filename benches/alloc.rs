@@ -14,7 +14,7 @@ mod common;
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::HashMap;
-use std::future::{Future, poll_fn};
+use std::future::Future;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -22,7 +22,7 @@ use std::task::{Context, Poll, Waker};
 
 use parking_lot::Mutex;
 
-use common::{AsyncSingleflight, Epochflight, Flights, SingleflightAsync};
+use common::{AsyncSingleflight, Epochflight, Flights, SingleflightAsync, yield_once};
 
 const KEY: u64 = 7;
 
@@ -86,21 +86,6 @@ impl Count {
     fn per(&self, n: usize) -> (f64, f64) {
         (self.bytes as f64 / n as f64, self.allocs as f64 / n as f64)
     }
-}
-
-/// Wakes itself and returns `Pending` once.
-async fn yield_once() {
-    let mut yielded = false;
-    poll_fn(|cx| {
-        if yielded {
-            Poll::Ready(())
-        } else {
-            yielded = true;
-            cx.waker().wake_by_ref();
-            Poll::Pending
-        }
-    })
-    .await
 }
 
 /// The leader's work: pending until `open`, then counts its run.

@@ -33,7 +33,7 @@ use parking_lot::Mutex;
 use tokio::runtime::Runtime;
 use tokio::sync::Notify;
 
-use common::{AsyncSingleflight, Epochflight, Flights, SingleflightAsync};
+use common::{AsyncSingleflight, Epochflight, Flights, SingleflightAsync, yield_once};
 use epochflight::{Role, SingleFlight};
 
 /// The one key of the single-key scenarios.
@@ -88,21 +88,6 @@ async fn after_first_poll<F: Future>(mut fut: Pin<&mut F>, then: impl FnOnce()) 
             then();
         }
         poll
-    })
-    .await
-}
-
-/// Wakes itself and returns `Pending` once.
-async fn yield_once() {
-    let mut yielded = false;
-    poll_fn(|cx| {
-        if yielded {
-            Poll::Ready(())
-        } else {
-            yielded = true;
-            cx.waker().wake_by_ref();
-            Poll::Pending
-        }
     })
     .await
 }

@@ -7,7 +7,8 @@
 //!   registers on its first poll (it takes a `tokio::sync::Mutex`).
 //! - `singleflight-async` 0.2: `SingleFlight::work`; registers when called.
 
-use std::future::Future;
+use std::future::{Future, poll_fn};
+use std::task::Poll;
 
 use futures::FutureExt;
 
@@ -101,4 +102,19 @@ impl Flights for SingleflightAsync {
     {
         self.0.work(key, work)
     }
+}
+
+/// Wakes itself and returns `Pending` once.
+pub async fn yield_once() {
+    let mut yielded = false;
+    poll_fn(|cx| {
+        if yielded {
+            Poll::Ready(())
+        } else {
+            yielded = true;
+            cx.waker().wake_by_ref();
+            Poll::Pending
+        }
+    })
+    .await
 }
