@@ -1,154 +1,139 @@
 //! The futures returned by [`SingleFlight`](crate::SingleFlight)'s async
-//! operations: one small, hand-written state machine, so a caller's future
-//! stays a few words in size whatever role it ends up playing.
+//! operations, and the blocking twins' wait: one state machine, two ways to
+//! wait (an async caller polls it; a blocking one drives it with
+//! `block_on`).
 
 use std::convert::Infallible;
 use std::fmt;
-use std::future::Future;
-use std::hash::{BuildHasher, Hash};
+use std::future::{Future, poll_fn};
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
-use crate::caller::{Next, Stage, reused, with_role};
-use crate::epoch::{Outcome, Role};
-use crate::work::Work;
+use crate::block_on::block_on;
+use crate::driver::Driver;
+use crate::epoch::{Outcome, Role, Versioned};
+use crate::flight::Finished;
+use crate::follower::{Followed, Follower};
+use crate::registry::{Entered, Mode, Registry};
+use crate::sync::Arc;
+use crate::work::{MakeWork, ReturnsResult, ReturnsValue};
 
-/// Makes a caller's work, if it ends up running it.
-pub(crate) trait MakeWork<T, E> {
-    fn make(self) -> Work<T, E>;
+/// Where a caller is in its call. Set when it registers with the map (at
+/// call time: that is what makes a burst of callers coalesce), then advanced
+/// in place.
+pub(crate) enum CallState<'a, K, T, E, S> {
+    /// A value newer than the caller's epoch exists; `None` once returned.
+    Reused(Option<Versioned<T>>),
+    /// The caller runs the flight's work: it leads, or took the flight over.
+    Driving(Driver<'a, K, T, E, S>),
+    /// The caller follows a flight in progress.
+    Following(Follower<'a, K, T, E, S>),
+    /// The call returned its outcome.
+    Done,
 }
 
-/// Work from a closure whose future returns `Result<T, E>`.
-pub(crate) struct Fallible<F>(pub(crate) F);
-
-/// Work from a closure whose future returns `T`.
-pub(crate) struct Infallibly<F>(pub(crate) F);
-
-impl<T, E, F, Fut> MakeWork<T, E> for Fallible<F>
-where
-    F: FnOnce() -> Fut,
-    Fut: Future<Output = Result<T, E>> + Send + 'static,
-{
-    fn make(self) -> Work<T, E> {
-        Work::Fallible(Box::pin((self.0)()))
-    }
-}
-
-impl<T, F, Fut> MakeWork<T, Infallible> for Infallibly<F>
-where
-    F: FnOnce() -> Fut,
-    Fut: Future<Output = T> + Send + 'static,
-{
-    fn make(self) -> Work<T, Infallible> {
-        Work::Infallible(Box::pin((self.0)()))
-    }
-}
-
-/// A call's progress, with the caller's closure beside it until used.
-struct Machine<'a, K, T, E, S, W>
-where
-    K: Hash + Eq + Clone,
-    T: Clone + 'static,
-    E: Clone + 'static,
-    S: BuildHasher,
-{
-    /// Where the caller is. A driver's work is made on its first poll and
-    /// then polled in place.
-    stage: Stage<'a, K, T, E, S>,
-    /// Makes the work if this caller leads or is promoted.
-    make: Option<W>,
-}
-
-impl<'a, K, T, E, S, W> Machine<'a, K, T, E, S, W>
-where
-    K: Hash + Eq + Clone,
-    T: Clone + 'static,
-    E: Clone + 'static,
-    S: BuildHasher,
-    W: MakeWork<T, E>,
-{
-    fn new(stage: Stage<'a, K, T, E, S>, make: W) -> Self {
-        // Moved as it is: no per-stage rewrapping on the fast paths.
-        Self {
-            stage,
-            make: Some(make),
-        }
-    }
-
-    /// The reuse fast path inline; every other stage out of line.
-    #[inline]
-    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Result<Outcome<T>, E>> {
-        if let Stage::Reused(stored) = &mut self.stage {
-            if let Some(v) = stored.take() {
-                return Poll::Ready(Ok(reused(v)));
+impl<'a, K, T, E, S> CallState<'a, K, T, E, S> {
+    pub(crate) fn new(registry: &'a Arc<Registry<K, T, E, S>>, entered: Entered<T, E>, mode: Mode) -> Self {
+        match entered {
+            Entered::Reused(stored) => CallState::Reused(Some(stored)),
+            Entered::Lead(id) => CallState::Driving(Driver::leading(registry, id)),
+            Entered::Join(id, flight, kind) => {
+                CallState::Following(Follower::new(registry, id, flight, kind, mode))
             }
         }
-        self.poll_stage(cx)
     }
 
-    // Kept out of the caller's future, so that inlining `poll` into it
-    // brings the reuse check alone.
+    fn name(&self) -> &'static str {
+        match self {
+            CallState::Reused(Some(_)) => "Reused",
+            CallState::Driving(_) => "Driving",
+            CallState::Following(_) => "Following",
+            CallState::Reused(None) | CallState::Done => "Done",
+        }
+    }
+}
+
+impl<K, T, E, S> CallState<'_, K, T, E, S>
+where
+    K: Eq + Clone,
+    T: Clone,
+    E: Clone,
+{
+    /// The reuse fast path inline; every other state out of line.
+    #[inline]
+    fn poll<W: MakeWork<T, E>>(&mut self, make: &mut Option<W>, cx: &mut Context<'_>) -> Poll<Result<Outcome<T>, E>> {
+        if let CallState::Reused(stored) = self {
+            if let Some(stored) = stored.take() {
+                return Poll::Ready(Ok(reused(stored)));
+            }
+        }
+        self.poll_flight(make, cx)
+    }
+
     #[inline(never)]
-    fn poll_stage(&mut self, cx: &mut Context<'_>) -> Poll<Result<Outcome<T>, E>> {
+    fn poll_flight<W: MakeWork<T, E>>(&mut self, make: &mut Option<W>, cx: &mut Context<'_>) -> Poll<Result<Outcome<T>, E>> {
         loop {
-            // Every stage is polled in place. After a panic in user code the
-            // driver stays here until the future is dropped; it knows it was
-            // busy, so its drop hands the flight on as after a panic.
-            match &mut self.stage {
-                Stage::Drive(driver) => {
-                    if !driver.has_work() {
-                        let make = self
-                            .make
+            // Every state is polled in place. After a panic in user code the
+            // driver stays here until the future is dropped: its drop knows
+            // the work panicked.
+            match self {
+                CallState::Driving(driver) => {
+                    if driver.is_unstarted() {
+                        let make = make
                             .take()
                             .expect("an epochflight call was polled after it panicked");
                         driver.start(|| make.make());
                     }
                     let finished = ready!(driver.poll_work(cx));
                     let role = driver.role();
-                    self.stage = Stage::Finished;
+                    *self = CallState::Done;
                     return Poll::Ready(with_role(finished, role));
                 }
-                Stage::Join(waiter) => match ready!(waiter.poll_step(cx)) {
-                    Next::Reused(v) => {
-                        self.stage = Stage::Finished;
-                        return Poll::Ready(Ok(reused(v)));
-                    }
-                    Next::Done(result) => {
-                        self.stage = Stage::Finished;
+                CallState::Following(follower) => match ready!(follower.poll(cx)) {
+                    Followed::Done(result) => {
+                        *self = CallState::Done;
                         return Poll::Ready(with_role(result, Role::Joined));
                     }
-                    // A promoted driver's work is made on the next turn.
-                    Next::Adopt(driver) | Next::Promote(driver) => {
-                        self.stage = Stage::Drive(driver);
+                    Followed::Reused(stored) => {
+                        *self = CallState::Done;
+                        return Poll::Ready(Ok(reused(stored)));
                     }
+                    // A promoted driver's work is made on the next turn.
+                    Followed::Drive(driver) => *self = CallState::Driving(driver),
                 },
-                Stage::Reused(v) => {
-                    let v = v
-                        .take()
-                        .expect("an epochflight call was polled after it completed");
-                    return Poll::Ready(Ok(reused(v)));
+                CallState::Reused(_) | CallState::Done => {
+                    panic!("an epochflight call was polled after it completed")
                 }
-                Stage::Finished => panic!("an epochflight call was polled after it completed"),
             }
+        }
+    }
+
+    /// A blocking caller's whole call: lead with `f`, or wait and then
+    /// perhaps drive (the work handed on, polled on this thread; or `f`).
+    pub(crate) fn wait(self, f: impl FnOnce() -> Result<T, E>) -> Result<Outcome<T>, E> {
+        let mut follower = match self {
+            CallState::Reused(Some(stored)) => return Ok(reused(stored)),
+            CallState::Driving(driver) => return with_role(driver.run_blocking(f), Role::Led),
+            CallState::Following(follower) => follower,
+            CallState::Reused(None) | CallState::Done => unreachable!("a new call is unfinished"),
+        };
+        match block_on(poll_fn(|cx| follower.poll(cx))) {
+            Followed::Done(result) => with_role(result, Role::Joined),
+            Followed::Reused(stored) => Ok(reused(stored)),
+            Followed::Drive(driver) if driver.is_unstarted() => {
+                with_role(driver.run_blocking(f), Role::Led)
+            }
+            Followed::Drive(driver) => with_role(driver.drive_blocking(), Role::Joined),
         }
     }
 }
 
-impl<K, T, E, S, W> Machine<'_, K, T, E, S, W>
-where
-    K: Hash + Eq + Clone,
-    T: Clone + 'static,
-    E: Clone + 'static,
-    S: BuildHasher,
-{
-    fn name(&self) -> &'static str {
-        match &self.stage {
-            Stage::Reused(Some(_)) => "Reused",
-            Stage::Join(..) => "Join",
-            Stage::Drive(_) => "Drive",
-            Stage::Reused(None) | Stage::Finished => "Finished",
-        }
-    }
+fn reused<T>(stored: Versioned<T>) -> Outcome<T> {
+    Outcome::new(stored.value, stored.epoch, Role::Reused)
+}
+
+fn with_role<T, E>(result: Finished<T, E>, role: Role) -> Result<Outcome<T>, E> {
+    result.map(|(value, stamp)| Outcome::new(value, stamp.into(), role))
 }
 
 /// The future of a fallible call:
@@ -160,70 +145,42 @@ where
 /// its place in the flight. Dropping it withdraws the caller (see the
 /// methods' `# Cancel safety`).
 #[must_use = "the call is registered with its key; poll it, or drop it to withdraw"]
-pub struct TryCall<'a, K, T, E, S, F>
-where
-    K: Hash + Eq + Clone,
-    T: Clone + 'static,
-    E: Clone + 'static,
-    S: BuildHasher,
-{
-    state: Machine<'a, K, T, E, S, Fallible<F>>,
+pub struct TryCall<'a, K, T, E, S, F> {
+    state: CallState<'a, K, T, E, S>,
+    make: Option<ReturnsResult<F>>,
 }
 
-impl<'a, K, T, E, S, F, Fut> TryCall<'a, K, T, E, S, F>
-where
-    K: Hash + Eq + Clone,
-    T: Clone + 'static,
-    E: Clone + 'static,
-    S: BuildHasher,
-    F: FnOnce() -> Fut,
-    Fut: Future<Output = Result<T, E>> + Send + 'static,
-{
-    pub(crate) fn new(stage: Stage<'a, K, T, E, S>, f: F) -> Self {
+impl<'a, K, T, E, S, F> TryCall<'a, K, T, E, S, F> {
+    pub(crate) fn new(state: CallState<'a, K, T, E, S>, f: F) -> Self {
         Self {
-            state: Machine::new(stage, Fallible(f)),
+            state,
+            make: Some(ReturnsResult(f)),
         }
     }
 }
 
 impl<K, T, E, S, F, Fut> Future for TryCall<'_, K, T, E, S, F>
 where
-    K: Hash + Eq + Clone,
-    T: Clone + 'static,
-    E: Clone + 'static,
-    S: BuildHasher,
+    K: Eq + Clone,
+    T: Clone,
+    E: Clone,
     F: FnOnce() -> Fut,
     Fut: Future<Output = Result<T, E>> + Send + 'static,
 {
     type Output = Result<Outcome<T>, E>;
 
-    // Inline, so that a reused value goes straight into the awaiting
-    // future: returned through memory from an out-of-line poll, the outcome
-    // is read back right after it was written, a store-forwarding stall
-    // that cost the reuse fast path about a sixth of its time.
+    // Inline, so that a reused value goes straight into the awaiting future.
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        self.get_mut().state.poll(cx)
+        let this = self.get_mut();
+        this.state.poll(&mut this.make, cx)
     }
 }
 
 // Nothing in a call is ever pinned in place: the work is boxed.
-impl<K, T, E, S, F> Unpin for TryCall<'_, K, T, E, S, F>
-where
-    K: Hash + Eq + Clone,
-    T: Clone + 'static,
-    E: Clone + 'static,
-    S: BuildHasher,
-{
-}
+impl<K, T, E, S, F> Unpin for TryCall<'_, K, T, E, S, F> {}
 
-impl<K, T, E, S, F> fmt::Debug for TryCall<'_, K, T, E, S, F>
-where
-    K: Hash + Eq + Clone,
-    T: Clone + 'static,
-    E: Clone + 'static,
-    S: BuildHasher,
-{
+impl<K, T, E, S, F> fmt::Debug for TryCall<'_, K, T, E, S, F> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TryCall")
             .field("state", &self.state.name())
@@ -240,35 +197,24 @@ where
 /// its place in the flight. Dropping it withdraws the caller (see the
 /// methods' `# Cancel safety`).
 #[must_use = "the call is registered with its key; poll it, or drop it to withdraw"]
-pub struct Call<'a, K, T, S, F>
-where
-    K: Hash + Eq + Clone,
-    T: Clone + 'static,
-    S: BuildHasher,
-{
-    state: Machine<'a, K, T, Infallible, S, Infallibly<F>>,
+pub struct Call<'a, K, T, S, F> {
+    state: CallState<'a, K, T, Infallible, S>,
+    make: Option<ReturnsValue<F>>,
 }
 
-impl<'a, K, T, S, F, Fut> Call<'a, K, T, S, F>
-where
-    K: Hash + Eq + Clone,
-    T: Clone + 'static,
-    S: BuildHasher,
-    F: FnOnce() -> Fut,
-    Fut: Future<Output = T> + Send + 'static,
-{
-    pub(crate) fn new(stage: Stage<'a, K, T, Infallible, S>, f: F) -> Self {
+impl<'a, K, T, S, F> Call<'a, K, T, S, F> {
+    pub(crate) fn new(state: CallState<'a, K, T, Infallible, S>, f: F) -> Self {
         Self {
-            state: Machine::new(stage, Infallibly(f)),
+            state,
+            make: Some(ReturnsValue(f)),
         }
     }
 }
 
 impl<K, T, S, F, Fut> Future for Call<'_, K, T, S, F>
 where
-    K: Hash + Eq + Clone,
-    T: Clone + 'static,
-    S: BuildHasher,
+    K: Eq + Clone,
+    T: Clone,
     F: FnOnce() -> Fut,
     Fut: Future<Output = T> + Send + 'static,
 {
@@ -277,7 +223,8 @@ where
     // Inline: see `TryCall::poll`.
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Outcome<T>> {
-        self.get_mut().state.poll(cx).map(|result| match result {
+        let this = self.get_mut();
+        this.state.poll(&mut this.make, cx).map(|result| match result {
             Ok(outcome) => outcome,
             Err(never) => match never {},
         })
@@ -285,20 +232,9 @@ where
 }
 
 // Nothing in a call is ever pinned in place: the work is boxed.
-impl<K, T, S, F> Unpin for Call<'_, K, T, S, F>
-where
-    K: Hash + Eq + Clone,
-    T: Clone + 'static,
-    S: BuildHasher,
-{
-}
+impl<K, T, S, F> Unpin for Call<'_, K, T, S, F> {}
 
-impl<K, T, S, F> fmt::Debug for Call<'_, K, T, S, F>
-where
-    K: Hash + Eq + Clone,
-    T: Clone + 'static,
-    S: BuildHasher,
-{
+impl<K, T, S, F> fmt::Debug for Call<'_, K, T, S, F> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Call")
             .field("state", &self.state.name())

@@ -79,10 +79,6 @@ impl From<Stamp> for Epoch {
 
 /// How a caller obtained its [`Outcome`].
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
-// A word, not a byte: the role is written last into every outcome, and
-// callers copy outcomes in whole words; a one-byte store read back inside a
-// wider load stalls the CPU (measured on the reuse fast path).
-#[repr(u64)]
 pub enum Role {
     /// This caller ran its own closure: it started the flight, or it was
     /// promoted because the flight's previous driver panicked, or was dropped
@@ -92,8 +88,10 @@ pub enum Role {
     /// have finished polling that flight's work after the leader was
     /// cancelled; the work was still the flight's, not its own.
     Joined,
-    /// A value newer than the caller's `seen` epoch already existed and was
-    /// returned without running or joining anything.
+    /// A stored value answered the call without running or joining
+    /// anything: a value newer than the caller's `seen` epoch
+    /// (`refresh_if_current`), or the stored value when no flight was in
+    /// progress (`get`).
     Reused,
 }
 

@@ -1,231 +1,166 @@
-//! The state a flight's driver shares with its followers.
+//! The life of a flight: one execution of user work for a key, from the
+//! caller that starts it to the result every follower gets.
 //!
-//! A flight starts *solo*: the leader alone, no allocation beyond its boxed
-//! work. The first follower turns it into a shared [`Flight`] (one `Arc`),
-//! which is what followers wait on. Every transition happens under the
-//! flight's own lock; whoever needs to unhook a flight from the map takes the
-//! map lock first (lock order: map, then flight).
+//! # States
 //!
-//! Followers wait by leaving their waker in the flight's [`Wakers`], in the
-//! same critical section in which they saw there was nothing to do yet; every
-//! phase change wakes them all. A wake-up cannot be lost between the look and
-//! the registration, and a follower costs no allocation of its own.
+//! A flight lives in the map's flight table ([`FlightTable`](crate::flight_table::FlightTable)) from the moment
+//! a caller leads it until its result is published or it is released. It is
+//! *attached* while it is its key's flight (new callers join it, its result is
+//! stored); `forget` and `set` *cut it loose* (it runs on for its own callers,
+//! its result is not stored). Followers wait on its shared state, [`Flight`],
+//! which the first follower creates (a flight nobody joins allocates only its
+//! boxed work).
+//!
+//! At every moment exactly one party is **responsible** for a live flight: its
+//! driver (the caller polling the work, or a task on the spawner), or, while
+//! the phase is `Orphaned` or `Vacant`, its heirs (the first to look takes it
+//! over; the last to leave inherits the responsibility).
+//!
+//! | state | meaning | next | made by |
+//! |---|---|---|---|
+//! | solo | a leader drives; nobody joined | running | [`Registry::enter`](crate::registry::Registry::enter) (a follower joins: [`Flight::join`]) |
+//! | running | a driver polls the work; followers wait | done, orphaned, vacant, detached, released | |
+//! | done | the result is published; the flight left the table; if attached and `Ok`, the value was stored with a new epoch | — | [`Registry::complete`](crate::registry::Registry::complete), [`Flight::publish`] |
+//! | orphaned (handed on after a cancel) | the driver was dropped between two polls while heirs wait; the first heir to look continues the same work (`Role::Joined`) | running | [`Registry::give_up`](crate::registry::Registry::give_up), [`Flight::hand_off`]; taken by [`Flight::step`] |
+//! | vacant (after a panic) | the driver panicked, or stopped before it made its work, while heirs wait; the first heir to look runs its own closure (`Role::Led`), or passes the vacancy on if a stored value now answers its call | running | the same |
+//! | detached (finishing on the spawner) | the driver stopped between two polls and nobody waits: with a spawner set, a task finishes the work and stores its result; new callers join it | done, vacant, released | [`Registry::give_up`](crate::registry::Registry::give_up) returns the work to spawn |
+//! | released | nobody is responsible and nobody waits: the work, if any, is dropped **first**, then the flight leaves the table and its key is free; a caller that joined while the work was being dropped finds it vacant | — | [`Registry::release`](crate::registry::Registry::release) |
+//! | cut loose | `forget` or `set` unlinked it from its key; any of the above continues | as before | [`Registry::take`](crate::registry::Registry::take), [`Registry::replace`](crate::registry::Registry::replace) |
+//!
+//! **When the leader is cancelled** (its future dropped between two polls):
+//! if heirs wait, the work is handed to them as it is, never restarted
+//! (DESIGN I5; async heirs are preferred, I9); if none waits and a spawner is
+//! set, the work finishes on the spawner and its result is stored; otherwise
+//! the work is dropped and then the key is freed. The same holds when the
+//! last heir of an orphaned flight leaves, and when a follower that took the
+//! work over is cancelled. A driver on the spawner that is dropped unfinished
+//! (its executor shutting down) hands on or is released, never respawned.
+//! **When the work panics**, it is dropped by the unwinding before anything
+//! else happens, and the flight becomes vacant or is released (I6).
+//!
+//! A follower that joins its key's flight from inside that flight's own work
+//! (on the thread polling it) is *nested*: it can never take that work over
+//! (it is part of it), so it is not an heir. A blocking nested join would
+//! wait for itself forever and panics instead; an async one that is awaited
+//! waits forever, as in Go (documented on `SingleFlight`).
+//!
+//! # Locks
+//!
+//! Two kinds: the map lock (one per `SingleFlight`, in `registry.rs`) and one
+//! lock per shared [`Flight`]. Order: map, then flight. Followers look at
+//! their flight with the flight lock alone. No user code runs under either,
+//! except `T::clone`/`E::clone` of a published result (each follower's own
+//! copy) and `K`'s `Eq`/`Clone`/`Drop` under the map lock.
 
+use std::cell::Cell;
 use std::mem;
-use std::num::NonZeroU32;
 use std::task::Waker;
 
 use crate::epoch::Stamp;
-use crate::sync::Mutex;
+use crate::sync::{Mutex, thread_local};
+use crate::wakers::{Registration, WakeOnDrop, Wakers};
 use crate::work::Work;
 
-/// Identifies a flight within one `SingleFlight`, so a driver can tell whether
-/// the map still holds *its* flight after a `forget` or `set`.
-pub(crate) type FlightId = u64;
+/// Where a flight is in the map's flight table, while it is there.
+pub(crate) type FlightId = usize;
 
-/// A completed flight's result as every caller sees it.
+/// A finished flight's result as every caller sees it.
 pub(crate) type Finished<T, E> = Result<(T, Stamp), E>;
 
-/// How a follower waits, which decides who inherits orphaned async work:
-/// an async follower is preferred, a blocking one would have to drive the
-/// future on its own thread (DESIGN I9).
+/// How a follower waits, which decides whether and when it may take its
+/// flight over.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub(crate) enum WaitKind {
+    /// An async caller: preferred heir of orphaned work, which it polls on
+    /// its own executor.
     Async,
+    /// A blocking caller: inherits orphaned work only when no async heir is
+    /// left (it would poll the work on its own thread, DESIGN I9).
     Blocking,
+    /// A caller made inside the flight's own work: never an heir.
+    Nested,
 }
 
+/// The state a flight's driver shares with its followers.
 pub(crate) struct Flight<T, E> {
-    pub(crate) id: FlightId,
-    state: Mutex<FlightState<T, E>>,
+    state: Mutex<State<T, E>>,
 }
 
-struct FlightState<T, E> {
+struct State<T, E> {
     phase: Phase<T, E>,
-    /// Followers registered and not yet resolved (dropped ones are removed).
-    waiters: usize,
-    /// How many of `waiters` are async.
-    async_waiters: usize,
+    /// Followers registered and not yet resolved, by how they wait.
+    async_heirs: usize,
+    blocking_heirs: usize,
+    nested: usize,
     wakers: Wakers,
 }
 
 enum Phase<T, E> {
-    /// A driver is running the work.
+    /// A driver polls the work (or is about to release the flight).
     Running,
-    /// The driver was cancelled mid-flight: its work waits for a follower to
-    /// continue polling it (DESIGN I5).
+    /// Handed on after a cancel: the first heir to look continues it.
     Orphaned(Work<T, E>),
-    /// The driver panicked (or was dropped before it started): the next
-    /// follower to look runs its own closure (DESIGN I6).
+    /// After a panic (or a driver that made no work): the first heir to look
+    /// runs its own closure.
     Vacant,
     /// The result, cloned by each follower.
     Done(Finished<T, E>),
 }
 
-/// What a follower should do after looking at its flight.
+/// What a follower does after looking at its flight.
 pub(crate) enum Step<T, E> {
     /// Nothing yet: its waker is registered.
     Wait,
     /// The flight finished.
     Done(Finished<T, E>),
-    /// Continue polling this orphaned work; this follower is the driver now.
+    /// Continue this work, handed on by a cancelled driver.
     Adopt(Work<T, E>),
-    /// Run your own closure; this follower is the driver now.
+    /// Run your own closure: the flight is vacant.
     Promote,
 }
 
-/// What a departing follower leaves behind, to drop once unlocked.
-pub(crate) struct Leave<T, E> {
-    /// Its waker.
+/// A flight with nobody left to take it over, and its work if it has
+/// started: whoever holds this is responsible for the flight.
+pub(crate) struct Unattended<T, E>(pub(crate) Option<Work<T, E>>);
+
+/// What a departing follower leaves behind, to use once unlocked.
+pub(crate) struct Left<T, E> {
+    /// Its waker, to drop.
     pub(crate) waker: Option<Waker>,
-    /// Followers to wake.
+    /// Followers to wake (blocking heirs, when the last async heir of
+    /// orphaned work left).
     pub(crate) wake: WakeOnDrop,
-    /// `Some` if it was the last follower of a flight nobody drives: the
-    /// caller must unhook the flight from the map and drop this work.
-    pub(crate) abandoned: Option<Option<Work<T, E>>>,
-}
-
-/// A follower's place in [`Wakers`]: valid only in the round it was taken.
-///
-/// Two words (the index is stored plus one, so `None` costs no tag): it
-/// lives in every follower's future, which callers move and spawn.
-#[derive(Clone, Copy, Default, Debug)]
-pub(crate) struct Registration(Option<(u64, NonZeroU32)>);
-
-impl Registration {
-    fn new(round: u64, index: usize) -> Self {
-        let stored = u32::try_from(index + 1)
-            .ok()
-            .and_then(NonZeroU32::new)
-            .expect("a flight has fewer than 4 billion followers waiting");
-        Registration(Some((round, stored)))
-    }
-
-    /// The round and slot index, if registered.
-    fn get(self) -> Option<(u64, usize)> {
-        self.0
-            .map(|(round, stored)| (round, stored.get() as usize - 1))
-    }
-}
-
-/// The wakers of the followers waiting for the next phase change: a slab, so
-/// a follower that comes and goes during a long flight reuses a slot.
-#[derive(Default)]
-struct Wakers {
-    slots: Vec<WakerSlot>,
-    free: Option<usize>,
-    /// Counts wake-ups; registrations from an earlier round are void.
-    round: u64,
-}
-
-enum WakerSlot {
-    Taken(Waker),
-    Free(Option<usize>),
-}
-
-impl Wakers {
-    /// Leaves `waker` to be woken by the next phase change. Returns a waker
-    /// it replaced, to be dropped once unlocked.
-    fn register(&mut self, waker: &Waker, at: &mut Registration) -> Option<Waker> {
-        if let Some((round, index)) = at.get() {
-            if round == self.round {
-                if let WakerSlot::Taken(old) = &mut self.slots[index] {
-                    if old.will_wake(waker) {
-                        return None;
-                    }
-                    return Some(mem::replace(old, waker.clone()));
-                }
-            }
-        }
-        let slot = WakerSlot::Taken(waker.clone());
-        let index = match self.free {
-            Some(index) => {
-                let WakerSlot::Free(next) = mem::replace(&mut self.slots[index], slot) else {
-                    unreachable!("the free list holds free slots only");
-                };
-                self.free = next;
-                index
-            }
-            None => {
-                self.slots.push(slot);
-                self.slots.len() - 1
-            }
-        };
-        *at = Registration::new(self.round, index);
-        None
-    }
-
-    fn unregister(&mut self, at: Registration) -> Option<Waker> {
-        let (round, index) = at.get()?;
-        if round != self.round {
-            return None;
-        }
-        match mem::replace(&mut self.slots[index], WakerSlot::Free(self.free)) {
-            WakerSlot::Taken(waker) => {
-                self.free = Some(index);
-                Some(waker)
-            }
-            free => {
-                self.slots[index] = free;
-                None
-            }
-        }
-    }
-
-    /// Takes every waker, to be woken once unlocked, and starts a new round.
-    fn take(&mut self) -> WakeOnDrop {
-        self.free = None;
-        self.round += 1;
-        WakeOnDrop(mem::take(&mut self.slots))
-    }
-}
-
-/// Wakers taken from a flight, woken when this is dropped: after the lock
-/// that guarded them is released, since waking runs executor code.
-#[must_use = "dropping it wakes the followers: drop it once unlocked"]
-#[derive(Default)]
-pub(crate) struct WakeOnDrop(Vec<WakerSlot>);
-
-impl Drop for WakeOnDrop {
-    fn drop(&mut self) {
-        for slot in self.0.drain(..) {
-            if let WakerSlot::Taken(waker) = slot {
-                waker.wake();
-            }
-        }
-    }
+    /// Set if it was the last heir of a flight nobody drives.
+    pub(crate) unattended: Option<Unattended<T, E>>,
 }
 
 impl<T, E> Flight<T, E> {
-    pub(crate) fn new(id: FlightId) -> Self {
+    pub(crate) fn new() -> Self {
         Self {
-            id,
-            state: Mutex::new(FlightState {
+            state: Mutex::new(State {
                 phase: Phase::Running,
-                waiters: 0,
-                async_waiters: 0,
+                async_heirs: 0,
+                blocking_heirs: 0,
+                nested: 0,
                 wakers: Wakers::default(),
             }),
         }
     }
 
     /// Registers a follower. The caller holds the map lock, so the flight is
-    /// still in the map and cannot be abandoned concurrently.
-    pub(crate) fn add_waiter(&self, kind: WaitKind) {
-        let mut state = self.state.lock();
-        state.waiters += 1;
-        if kind == WaitKind::Async {
-            state.async_waiters += 1;
-        }
+    /// still in the table and its phase cannot be finished concurrently.
+    pub(crate) fn join(&self, kind: WaitKind) {
+        *self.state.lock().count(kind) += 1;
     }
 
-    /// Followers currently registered and unresolved.
-    pub(crate) fn waiters(&self) -> usize {
-        self.state.lock().waiters
+    /// Followers registered and unresolved.
+    pub(crate) fn followers(&self) -> usize {
+        let state = self.state.lock();
+        state.async_heirs + state.blocking_heirs + state.nested
     }
 
-    /// A follower's look at the flight. Claims orphaned work or a vacancy for
-    /// the caller, or registers `waker` for the next phase change.
+    /// A follower's look at the flight: the result, work or a vacancy to
+    /// take over, or nothing yet (then `waker` is registered).
     pub(crate) fn step(&self, kind: WaitKind, waker: &Waker, at: &mut Registration) -> Step<T, E>
     where
         T: Clone,
@@ -234,13 +169,13 @@ impl<T, E> Flight<T, E> {
         let mut guard = self.state.lock();
         let state = &mut *guard;
         let step = match &state.phase {
-            // T::clone / E::clone under the flight lock: documented; it keeps
-            // `SingleFlight` free of `T: Sync` bounds.
+            // Each follower's own copy: a panicking clone reaches only it.
             Phase::Done(result) => return Step::Done(result.clone()),
             Phase::Running => Step::Wait,
-            // Leave it to an async follower, which can poll it on its own
-            // runtime. If they all leave, `leave` wakes us again.
-            Phase::Orphaned(_) if kind == WaitKind::Blocking && state.async_waiters > 0 => {
+            Phase::Orphaned(_) | Phase::Vacant if kind == WaitKind::Nested => Step::Wait,
+            // Left to an async heir, which polls it on its own executor. If
+            // they all leave, `leave` wakes the blocking ones again.
+            Phase::Orphaned(_) if kind == WaitKind::Blocking && state.async_heirs > 0 => {
                 Step::Wait
             }
             Phase::Orphaned(_) => match mem::replace(&mut state.phase, Phase::Running) {
@@ -255,8 +190,8 @@ impl<T, E> Flight<T, E> {
         let replaced = match step {
             Step::Wait => state.wakers.register(waker, at),
             _ => {
-                // This follower drives the flight now: no longer a waiter.
-                state.remove(kind);
+                // This follower drives the flight now: no longer a follower.
+                *state.count(kind) -= 1;
                 state.wakers.unregister(*at)
             }
         };
@@ -265,84 +200,114 @@ impl<T, E> Flight<T, E> {
         step
     }
 
-    /// The driver finished: publish the result to every follower.
-    pub(crate) fn complete(&self, result: Finished<T, E>) {
+    /// The driver finished: publish the result to every follower. Returns
+    /// the followers to wake once unlocked.
+    pub(crate) fn publish(&self, result: Finished<T, E>) -> WakeOnDrop {
         let mut state = self.state.lock();
-        let replaced = mem::replace(&mut state.phase, Phase::Done(result));
-        let wake = state.wakers.take();
-        drop(state);
-        // Running is all a finished driver can replace; drop it unlocked anyway.
-        drop((replaced, wake));
+        // Running is all a finished driver can replace: nothing to drop.
+        state.phase = Phase::Done(result);
+        state.wakers.take()
     }
 
-    /// The driver gives up without a result: cancelled (`work` is `Some`, to
-    /// be continued) or panicked (`None`, a follower must start over).
-    ///
-    /// The caller holds the map lock, and wakes the followers (drops the
-    /// returned [`WakeOnDrop`]) once it released it. Returns the work back
-    /// when no follower is left: the caller then unhooks the flight and drops
-    /// the work.
-    pub(crate) fn hand_off(
-        &self,
-        work: Option<Work<T, E>>,
-    ) -> Result<WakeOnDrop, Option<Work<T, E>>> {
+    /// The driver stops without a result: cancelled between two polls (`work`
+    /// is `Some`, to be continued) or panicked / never started (`None`, an
+    /// heir must start over). With heirs waiting, they get it, and the
+    /// returned wakers (to wake once unlocked) tell them; with none, the
+    /// caller stays responsible for the flight.
+    pub(crate) fn hand_off(&self, work: Option<Work<T, E>>) -> Result<WakeOnDrop, Unattended<T, E>> {
         let mut state = self.state.lock();
-        if state.waiters == 0 {
-            return Err(work);
+        if state.heirs() == 0 {
+            return Err(Unattended(work));
         }
         state.phase = match work {
             Some(work) => Phase::Orphaned(work),
             None => Phase::Vacant,
         };
-        // Every follower looks; the first eligible one claims the flight and
+        // Every follower looks; the first eligible one takes the flight and
         // the rest go back to waiting. Rare path, so simplicity wins.
         Ok(state.wakers.take())
     }
 
-    /// A follower leaves without a result (its future was dropped). The
-    /// caller holds the map lock, and drops the returned [`Leave`] once it
-    /// released it.
-    pub(crate) fn leave(&self, kind: WaitKind, at: Registration) -> Leave<T, E> {
+    /// The party releasing the flight dropped its work; heirs that joined
+    /// meanwhile find it vacant (the returned wakers tell them). `None` if
+    /// nobody waits: the flight can leave the table.
+    pub(crate) fn vacate(&self) -> Option<WakeOnDrop> {
         let mut state = self.state.lock();
-        if matches!(state.phase, Phase::Done(_)) {
-            return Leave {
-                waker: None,
-                wake: WakeOnDrop::default(),
-                abandoned: None,
-            };
+        if state.heirs() == 0 {
+            return None;
         }
-        state.remove(kind);
-        let waker = state.wakers.unregister(at);
-        let mut abandoned = None;
-        let mut wake = WakeOnDrop::default();
+        state.phase = Phase::Vacant;
+        Some(state.wakers.take())
+    }
+
+    /// A follower leaves without a result (its future was dropped).
+    pub(crate) fn leave(&self, kind: WaitKind, at: Registration) -> Left<T, E> {
+        let mut state = self.state.lock();
+        let mut left = Left {
+            waker: None,
+            wake: WakeOnDrop::default(),
+            unattended: None,
+        };
+        if matches!(state.phase, Phase::Done(_)) {
+            return left;
+        }
+        *state.count(kind) -= 1;
+        left.waker = state.wakers.unregister(at);
         match &state.phase {
-            Phase::Orphaned(_) | Phase::Vacant if state.waiters == 0 => {
-                abandoned = match mem::replace(&mut state.phase, Phase::Running) {
-                    Phase::Orphaned(work) => Some(Some(work)),
-                    _ => Some(None),
+            Phase::Orphaned(_) | Phase::Vacant if state.heirs() == 0 => {
+                let work = match mem::replace(&mut state.phase, Phase::Running) {
+                    Phase::Orphaned(work) => Some(work),
+                    _ => None,
                 };
+                left.unattended = Some(Unattended(work));
             }
-            Phase::Orphaned(_) if kind == WaitKind::Async && state.async_waiters == 0 => {
-                // The blocking followers were deferring to async ones; there
-                // are none left, so one of them must take the work.
-                wake = state.wakers.take();
+            Phase::Orphaned(_) if kind == WaitKind::Async && state.async_heirs == 0 => {
+                // The blocking heirs were deferring to async ones; there are
+                // none left, so one of them must take the work.
+                left.wake = state.wakers.take();
             }
             _ => {}
         }
-        drop(state);
-        Leave {
-            waker,
-            wake,
-            abandoned,
-        }
+        left
     }
 }
 
-impl<T, E> FlightState<T, E> {
-    fn remove(&mut self, kind: WaitKind) {
-        self.waiters -= 1;
-        if kind == WaitKind::Async {
-            self.async_waiters -= 1;
+impl<T, E> State<T, E> {
+    fn count(&mut self, kind: WaitKind) -> &mut usize {
+        match kind {
+            WaitKind::Async => &mut self.async_heirs,
+            WaitKind::Blocking => &mut self.blocking_heirs,
+            WaitKind::Nested => &mut self.nested,
         }
     }
+
+    fn heirs(&self) -> usize {
+        self.async_heirs + self.blocking_heirs
+    }
+}
+
+thread_local! {
+    /// The flight this thread is polling the work of: the address of its
+    /// map and its id (`(0, 0)`: none).
+    static DRIVING: Cell<(usize, FlightId)> = Cell::new((0, 0));
+}
+
+/// Runs `poll` (a poll of flight `id`'s work, in the map at address `map`)
+/// marked as driving it, so that a call made inside on the same key is known
+/// to be nested (see the states above).
+pub(crate) fn driving<R>(map: usize, id: FlightId, poll: impl FnOnce() -> R) -> R {
+    struct Restore((usize, FlightId));
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            DRIVING.with(|driving| driving.set(self.0));
+        }
+    }
+    let _outer = Restore(DRIVING.with(|driving| driving.replace((map, id))));
+    poll()
+}
+
+/// Whether this thread is polling the work of flight `id` in the map at
+/// address `map`.
+pub(crate) fn is_driving(map: usize, id: FlightId) -> bool {
+    DRIVING.with(|driving| driving.get() == (map, id))
 }

@@ -26,8 +26,15 @@
 //! # });
 //! ```
 //!
-//! The crate is runtime-agnostic: it spawns nothing and has no timers; work
-//! runs while its caller polls it. Async and blocking callers can share a key.
+//! The crate is runtime-agnostic: it has no timers and spawns nothing unless
+//! given a spawner ([`SingleFlight::with_spawner`]); work runs while its
+//! caller polls it. Async and blocking callers can share a key.
+//!
+//! The modules, from the public API down: `single_flight` (the API), `call`
+//! (its futures and blocking waits), `driver` and `follower` (a caller's part
+//! in a flight), `registry` (the map protocol and its lock), `flight` (the
+//! life of a flight: its states and transitions), `flight_table`,
+//! `read_cache`, `wakers`, `hashed`, `work`, `spawner`, `epoch`, `sync`.
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
 #![cfg_attr(loom, allow(dead_code, unreachable_pub))]
@@ -35,12 +42,20 @@
 pub mod auth;
 mod block_on;
 mod call;
-mod caller;
+mod driver;
 mod epoch;
 mod flight;
+mod flight_table;
+mod follower;
+mod hashed;
+#[cfg(all(test, loom))]
+mod loom_models;
+mod read_cache;
+mod registry;
 mod single_flight;
-mod slots;
+mod spawner;
 mod sync;
+mod wakers;
 mod work;
 
 pub use call::{Call, TryCall};

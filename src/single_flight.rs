@@ -1,5 +1,5 @@
-//! [`SingleFlight`]: the map from key to its latest value, its epoch and the
-//! flight in progress.
+//! [`SingleFlight`]: the public API. The map protocol is in `registry.rs`,
+//! the life of a flight in `flight.rs`.
 
 use std::borrow::Borrow;
 use std::collections::hash_map::RandomState;
@@ -7,14 +7,15 @@ use std::convert::Infallible;
 use std::fmt;
 use std::future::Future;
 use std::hash::{BuildHasher, Hash};
+use std::pin::Pin;
 
-use crate::call::{Call, TryCall};
-use crate::caller::{Driver, Stage, Waiter};
+use crate::call::{Call, CallState, TryCall};
+use crate::driver::finish_on_spawner;
 use crate::epoch::{Epoch, Outcome, Versioned};
-use crate::flight::{Finished, Flight, FlightId, Registration, WaitKind, WakeOnDrop};
-use crate::slots::{FlightRef, Slot, SlotId, Slots};
-use crate::sync::{Arc, Mutex};
-use crate::work::Work;
+use crate::flight::WaitKind;
+use crate::registry::{Mode, Registry};
+use crate::spawner::Spawner;
+use crate::sync::Arc;
 
 /// A map of single flights with epochs: concurrent *and late* callers for a
 /// key share one execution of the work.
@@ -63,12 +64,22 @@ use crate::work::Work;
 /// # });
 /// ```
 ///
+/// # The work: `Send + 'static`
+///
+/// The future a closure returns must be `Send + 'static`: it may outlive the
+/// caller that started it (a cancelled leader hands it to a follower, or to
+/// the [spawner](Self::with_spawner)), so it cannot borrow from the caller's
+/// stack. Move what it needs into it (`move || { let client = client.clone();
+/// async move { .. } }`), or share it in an `Arc`. The closure itself runs
+/// in place and may borrow.
+///
 /// # Liveness
 ///
-/// Work runs only while a caller polls it: nothing is spawned. A leader whose
-/// future is neither polled nor dropped stalls its followers. A leader that
-/// is dropped hands its work to a follower, which continues it; a leader
-/// whose work panics lets a follower start over with its own closure.
+/// Work runs only while a caller polls it, unless a
+/// [spawner](Self::with_spawner) is set. A leader whose future is neither
+/// polled nor dropped stalls its followers. A leader that is dropped hands
+/// its work to a follower, which continues it; a leader whose work panics
+/// lets a follower start over with its own closure.
 ///
 /// Calls register with the key **when they are made**, not when first
 /// polled: the returned future is the caller's place in the flight. Poll it
@@ -77,62 +88,46 @@ use crate::work::Work;
 /// # Locks and user code
 ///
 /// User closures, futures, and drops of `T` and `E` never run while an
-/// internal lock is held, so work may call back into the same `SingleFlight`
-/// (on other keys: work that waits for its own key's flight waits for
-/// itself, forever, as in Go).
-/// `K`'s `Hash`, `Eq`, `Clone` and `Drop`, the hasher, and `T::clone` and
-/// `E::clone` may run under a lock: keep them cheap and do not call back
-/// into the same `SingleFlight` from them.
+/// internal lock is held, so work may call back into the same `SingleFlight`.
+/// Not into its own key's flight, though: work that waits for its own key's
+/// flight waits for itself. Go deadlocks there; here a blocking twin that
+/// would do so panics, and an async call made inside the work joins as a
+/// follower that is never handed that work (if the work awaits it, it waits
+/// forever, as in Go; if the work is cancelled, it is dropped, not kept).
+///
+/// The hasher runs before any lock is taken. `K`'s `Eq`, `Clone` and
+/// `Drop`, and `T::clone` and `E::clone`, may run under a lock: keep them
+/// cheap and do not call back into the same `SingleFlight` from them.
+///
+/// # Epochs
+///
+/// Epochs are issued per `SingleFlight`. An [`Epoch`] from another instance
+/// is accepted without complaint and compared as a number: pass back only
+/// epochs this instance gave you.
 ///
 /// # Costs
 ///
-/// One mutex guards the map. A flight nobody joins takes it twice (to start
-/// and to finish) and allocates once: its work, boxed so that a cancelled
-/// leader can hand it over. A reused refresh, [`current`](Self::current) and
-/// [`epoch`](Self::epoch) take it once and allocate nothing. The map checks
-/// the slot it found last with `K::eq` before hashing, so the callers of a
-/// hot key (a token, a config) do not hash it; any other key costs one hash.
+/// One mutex guards the map; the hasher runs once per call, before it. A
+/// flight nobody joins takes the lock twice (to start and to finish) and
+/// allocates once: its work, boxed so that a cancelled leader can hand it
+/// over. Stored values live in one table (the key, its hash, the value and
+/// its epoch), probed once per call; flights in progress in a small one.
+///
+/// Readers don't queue: each reader thread keeps its own copy of the last
+/// key it read twice in a row (a token, a config) and answers repeated
+/// [`current`](Self::current), [`epoch`](Self::epoch) and reused calls from
+/// it without the map lock, until the map changes; so two threads reading
+/// one hot key go about twice as fast as one. That copy is dropped when the
+/// slot is next filled, on [`forget`](Self::forget), and with the
+/// `SingleFlight`.
+///
 /// A follower allocates nothing of its own: its waker waits in a slot of the
-/// flight's list, and all of them are woken in one pass. The README's
-/// "Performance" section has the measurements.
+/// flight's list, and all of them are woken in one pass. As keys are
+/// forgotten, the table of values shrinks on its own once it is a quarter
+/// full; [`shrink_to_fit`](Self::shrink_to_fit) returns all spare memory at
+/// once. `benches/README.md` has the measurements.
 pub struct SingleFlight<K, T, E = Infallible, S = RandomState> {
-    inner: Mutex<Slots<K, T, E, S>>,
-}
-
-/// What a caller wants when it registers.
-#[derive(Clone, Copy)]
-pub(crate) enum Mode {
-    /// Join the flight in progress or lead one (`run`).
-    Run,
-    /// Reuse a value newer than `seen`; else join or lead.
-    RefreshIfCurrent(Epoch),
-    /// Join the flight in progress; else reuse the stored value; else lead.
-    Get,
-}
-
-/// Things to drop once the map lock is released (DESIGN I8).
-#[must_use]
-pub(crate) struct Leftovers<K, T, E> {
-    _work: Option<Work<T, E>>,
-    _flight: Option<Arc<Flight<T, E>>>,
-    _slot: Option<(K, Slot<T, E>)>,
-    _value: Option<Versioned<T>>,
-    _waker: Option<std::task::Waker>,
-    /// Last, so it wakes followers after everything else is dropped.
-    _wake: WakeOnDrop,
-}
-
-impl<K, T, E> Default for Leftovers<K, T, E> {
-    fn default() -> Self {
-        Self {
-            _work: None,
-            _flight: None,
-            _slot: None,
-            _value: None,
-            _waker: None,
-            _wake: WakeOnDrop::default(),
-        }
-    }
+    registry: Arc<Registry<K, T, E, S>>,
 }
 
 impl<K, T, E> SingleFlight<K, T, E, RandomState> {
@@ -165,8 +160,120 @@ impl<K, T, E, S> SingleFlight<K, T, E, S> {
     /// ```
     pub fn with_hasher(hasher: S) -> Self {
         Self {
-            inner: Mutex::new(Slots::with_hasher(hasher)),
+            registry: Arc::new(Registry::new(hasher)),
         }
+    }
+
+    /// Whether [`with_spawner`](Self::with_spawner) set a spawner.
+    pub fn has_spawner(&self) -> bool {
+        self.registry.has_spawner()
+    }
+}
+
+impl<K, T, E, S> SingleFlight<K, T, E, S>
+where
+    K: Eq + Clone + Send + 'static,
+    T: Clone + Send + 'static,
+    E: Clone + Send + 'static,
+    S: Send + Sync + 'static,
+{
+    /// Finishes abandoned work on `spawn`: when every caller of a flight has
+    /// gone away (a timeout, a `select!`, a dropped request) after its work
+    /// was first polled, the work is handed to `spawn` instead of being
+    /// dropped, and its result is stored as if a caller had awaited it. A
+    /// refresh whose request already reached the server then always lands.
+    ///
+    /// `spawn` gets a `Send + 'static` future and must run it to completion
+    /// (`tokio::spawn`, `smol::spawn(..).detach()`, a thread with a
+    /// `block_on`, …). It is called synchronously, in the drop of the last
+    /// caller's future (so `tokio::spawn` finds its runtime), never with an
+    /// internal lock held (it may call back into this `SingleFlight`).
+    ///
+    /// While the work finishes there, the flight is the key's: new callers
+    /// join it ([`Role::Joined`](crate::Role::Joined)) and run nothing, and
+    /// [`is_in_flight`](Self::is_in_flight) is true. `Ok` gets a new epoch and
+    /// is stored; `Err` is stored nowhere; [`forget`](Self::forget) or
+    /// [`set`](Self::set) meanwhile cut it loose as for any flight, so its
+    /// result is not stored. A panic in it frees the key and reaches the
+    /// spawned task; one joiner, if any, runs its own closure. If the executor
+    /// drops the task unfinished (shutting down), its joiners take the work
+    /// over, or the key is freed: nobody is left waiting, and it is not
+    /// spawned again.
+    ///
+    /// Work never polled is dropped, not spawned; a cancelled leader that
+    /// still has followers hands its work to one of them, as without a
+    /// spawner. Without a spawner none of this costs anything.
+    ///
+    /// A task on the spawner keeps the map (every key's stored value) alive
+    /// until it finishes, even after this `SingleFlight` is dropped; its
+    /// result is then stored in a map nobody reads, and freed with it.
+    ///
+    /// # Panics
+    ///
+    /// If a flight of this `SingleFlight` is already on a spawner (only
+    /// possible if a spawner was set before).
+    ///
+    /// # Examples
+    ///
+    /// On tokio:
+    ///
+    /// ```
+    /// use epochflight::SingleFlight;
+    ///
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let flights: SingleFlight<&str, String> = SingleFlight::new().with_spawner(|task| {
+    ///     tokio::spawn(task);
+    /// });
+    /// # let _ = flights;
+    /// # });
+    /// ```
+    ///
+    /// On smol:
+    ///
+    /// ```
+    /// use epochflight::SingleFlight;
+    ///
+    /// let flights: SingleFlight<&str, String> =
+    ///     SingleFlight::new().with_spawner(|task| smol::spawn(task).detach());
+    /// # let _ = flights;
+    /// ```
+    ///
+    /// On a plain thread (any future that needs no runtime reactor). The
+    /// only caller gives up after the work started; it finishes anyway:
+    ///
+    /// ```
+    /// use std::sync::mpsc;
+    /// use epochflight::SingleFlight;
+    /// use futures::channel::oneshot;
+    ///
+    /// let (finished, wait_finished) = mpsc::channel();
+    /// let flights: SingleFlight<&str, u32> = SingleFlight::new().with_spawner(move |task| {
+    ///     let finished = finished.clone();
+    ///     std::thread::spawn(move || {
+    ///         futures::executor::block_on(task);
+    ///         finished.send(()).unwrap();
+    ///     });
+    /// });
+    ///
+    /// let (reply, response) = oneshot::channel();
+    /// let mut call = flights.run("k", || async { response.await.unwrap() });
+    /// let first_poll = futures::executor::block_on(async { futures::poll!(&mut call) });
+    /// assert!(first_poll.is_pending());
+    /// drop(call); // the caller times out: the work moves to the spawner
+    /// assert!(flights.is_in_flight("k"));
+    ///
+    /// reply.send(7).unwrap(); // the server answers after all
+    /// wait_finished.recv().unwrap();
+    /// assert_eq!(flights.current("k").unwrap().value, 7);
+    /// ```
+    pub fn with_spawner<F>(mut self, spawn: F) -> Self
+    where
+        F: Fn(Pin<Box<dyn Future<Output = ()> + Send + 'static>>) + Send + Sync + 'static,
+    {
+        let registry = Arc::get_mut(&mut self.registry)
+            .expect("set the spawner before a flight of this SingleFlight is on a spawner");
+        registry.set_spawner(Spawner::new(Box::new(spawn), finish_on_spawner::<K, T, E, S>));
+        self
     }
 }
 
@@ -178,13 +285,7 @@ impl<K, T, E, S: Default> Default for SingleFlight<K, T, E, S> {
 
 impl<K, T, E, S> fmt::Debug for SingleFlight<K, T, E, S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let inner = self.inner.lock();
-        f.debug_struct("SingleFlight")
-            .field("keys", &inner.len())
-            .field("in_flight", &inner.in_flight())
-            .field("detached_in_flight", &inner.detached_len())
-            .field("last_epoch", &inner.last_epoch())
-            .finish()
+        self.registry.fmt(f)
     }
 }
 
@@ -195,161 +296,8 @@ where
     E: Clone + 'static,
     S: BuildHasher,
 {
-    /// Registers a caller: reuse, lead or join. Runs no user code.
-    fn enter(&self, key: K, mode: Mode, kind: WaitKind) -> Stage<'_, K, T, E, S> {
-        let mut inner = self.inner.lock();
-        let id = inner.next_flight();
-        let at = if let Some((at, slot)) = inner.get_mut(&key) {
-            if let Some(stored) = &slot.value {
-                let reuse = match mode {
-                    Mode::Run => false,
-                    Mode::RefreshIfCurrent(seen) => stored.epoch > seen,
-                    Mode::Get => slot.flight.is_none(),
-                };
-                if reuse {
-                    return Stage::Reused(Some(stored.clone()));
-                }
-            }
-            if let Some(flight) = &mut slot.flight {
-                let flight = flight.share();
-                flight.add_waiter(kind);
-                return Stage::Join(Waiter::new(self, key, at, flight, kind, mode));
-            }
-            slot.flight = Some(FlightRef::Solo(id));
-            at
-        } else {
-            let slot = Slot {
-                value: None,
-                flight: Some(FlightRef::Solo(id)),
-            };
-            inner.insert(key, slot)
-        };
-        drop(inner);
-        Stage::Drive(Driver::new(self, at, id, None, None))
-    }
-
-    /// A driver's result: stamps it, stores it if the flight is still the
-    /// key's, unhooks the flight, sets `done` (the driver has nothing left to
-    /// hand on), and publishes the result to the followers.
-    ///
-    /// Returns the stamped result alone (two words for a small `T`): a
-    /// bigger return value costs a stall on the uncontended path.
-    pub(crate) fn complete_flight(
-        &self,
-        at: SlotId,
-        id: FlightId,
-        own: Option<&Arc<Flight<T, E>>>,
-        result: Result<T, E>,
-        done: &mut bool,
-    ) -> Finished<T, E> {
-        // Every user clone happens before anything changes, so that a panic
-        // in `T::clone` or `E::clone` leaves the flight as it was, and its
-        // unfinished driver hands it on. The stored copy is made unlocked.
-        let copy = result.as_ref().ok().cloned();
-        let mut replaced = None;
-        let mut removed = None;
-        let mut inner = self.inner.lock();
-        let finished = result.map(|value| (value, inner.next_epoch()));
-        // The followers' copy, only if there are followers (never on the
-        // uncontended path); `T::clone` under the map lock is documented.
-        let publish = inner
-            .find_flight(at, id)
-            .or_else(|| own.cloned())
-            .map(|flight| (flight, finished.clone()));
-        let found = inner.take_flight(at, id);
-        if found.attached {
-            let slot = inner.at_mut(at).expect("an attached flight has its slot");
-            match (&finished, copy) {
-                (Ok((_, stamp)), Some(value)) => {
-                    let epoch = Epoch::from(*stamp);
-                    replaced = slot.value.replace(Versioned { value, epoch });
-                }
-                _ => removed = inner.prune(at),
-            }
-        }
-        drop(inner);
-        *done = true;
-        if let Some((flight, published)) = publish {
-            flight.complete(published);
-        }
-        drop((replaced, removed, found.shared));
-        finished
-    }
-
-    /// A driver gave up (cancelled or panicked): hand the flight to a
-    /// follower, or free the key if none is left.
-    pub(crate) fn abandon_flight(
-        &self,
-        at: SlotId,
-        id: FlightId,
-        own: Option<Arc<Flight<T, E>>>,
-        work: Option<Work<T, E>>,
-    ) -> Leftovers<K, T, E> {
-        let mut leftovers = Leftovers::default();
-        let mut inner = self.inner.lock();
-        let flight = inner.find_flight(at, id).or(own);
-        let orphan = match &flight {
-            Some(flight) => flight.hand_off(work),
-            None => Err(work),
-        };
-        match orphan {
-            Ok(wake) => leftovers._wake = wake,
-            Err(work) => {
-                leftovers._work = work;
-                self.unhook(&mut inner, at, id, &mut leftovers);
-            }
-        }
-        drop(inner);
-        drop(flight);
-        leftovers
-    }
-
-    /// For a promoted follower: the stored value its own call would reuse
-    /// now (a `set` may have stored one since it joined; DESIGN I3).
-    pub(crate) fn reusable(&self, key: &K, mode: Mode) -> Option<Versioned<T>> {
-        let inner = self.inner.lock();
-        let stored = inner.get(key)?.value.as_ref()?;
-        match mode {
-            Mode::Run => None,
-            Mode::RefreshIfCurrent(seen) => (stored.epoch > seen).then(|| stored.clone()),
-            Mode::Get => Some(stored.clone()),
-        }
-    }
-
-    /// A follower left without its result.
-    pub(crate) fn leave_flight(
-        &self,
-        at: SlotId,
-        flight: &Arc<Flight<T, E>>,
-        kind: WaitKind,
-        registration: Registration,
-    ) -> Leftovers<K, T, E> {
-        let mut leftovers = Leftovers::default();
-        let mut inner = self.inner.lock();
-        let left = flight.leave(kind, registration);
-        leftovers._waker = left.waker;
-        leftovers._wake = left.wake;
-        if let Some(work) = left.abandoned {
-            leftovers._work = work;
-            self.unhook(&mut inner, at, flight.id, &mut leftovers);
-        }
-        drop(inner);
-        leftovers
-    }
-
-    /// Unhooks a flight nobody will finish, freeing its key.
-    fn unhook(
-        &self,
-        inner: &mut Slots<K, T, E, S>,
-        at: SlotId,
-        id: FlightId,
-        leftovers: &mut Leftovers<K, T, E>,
-    ) {
-        let found = inner.take_flight(at, id);
-        if found.attached {
-            leftovers._slot = inner.prune(at);
-        }
-        leftovers._flight = found.shared;
+    fn call(&self, key: K, mode: Mode, kind: WaitKind) -> CallState<'_, K, T, E, S> {
+        CallState::new(&self.registry, self.registry.enter(key, mode, kind), mode)
     }
 
     /// Runs `f` as the flight for `key`, or joins the flight in progress.
@@ -368,13 +316,28 @@ where
     /// Dropping the future of a follower withdraws it; the flight goes on.
     /// Dropping the future of the caller that is running the work while
     /// followers wait hands the work, as it is, to one of them, which
-    /// continues polling it: the work is never restarted. With no follower
-    /// left the work is dropped and the key is free.
+    /// continues polling it: the work is never restarted. If no follower
+    /// remains, the work is dropped and the key is free, unless a spawner is
+    /// set ([`with_spawner`](Self::with_spawner)): then work that was already
+    /// polled finishes on it and its result is stored as if a caller had
+    /// awaited it. Either way the dropped work's destructor finishes before
+    /// another work for the key starts.
     ///
     /// # Panics
     ///
     /// A panic in `f` or its future propagates to the caller polling it. The
     /// key is not poisoned: one waiting follower runs its own `f` instead.
+    ///
+    /// A panic in `T::clone` or `E::clone` while the result is handed out
+    /// reaches only the caller whose copy was being made: the result is
+    /// stored and every follower gets it (a follower's own copy is made by
+    /// that follower). Only if the two copies the driver makes (the stored one
+    /// and the followers') both panic do the followers take the flight over
+    /// as after a panic; they then find the stored value, except callers of
+    /// [`try_run`](Self::try_run), which run their own `f`.
+    ///
+    /// A blocking twin called from inside this key's own work panics (it
+    /// would wait for itself forever).
     ///
     /// # Examples
     ///
@@ -396,7 +359,7 @@ where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<T, E>> + Send + 'static,
     {
-        TryCall::new(self.enter(key, Mode::Run, WaitKind::Async), f)
+        TryCall::new(self.call(key, Mode::Run, WaitKind::Async), f)
     }
 
     /// Runs `f` only if `seen` is still the key's latest epoch; otherwise
@@ -413,12 +376,17 @@ where
     ///
     /// # Cancel safety
     ///
-    /// As [`try_run`](Self::try_run): a dropped follower withdraws, a dropped
-    /// driver hands its work to a follower, which continues it.
+    /// As [`try_run`](Self::try_run): a dropped follower withdraws; a dropped
+    /// driver hands its work to a follower, which continues it, or, with no
+    /// follower left, to the spawner if one is set; else the work is dropped.
     ///
     /// # Panics
     ///
     /// As [`try_run`](Self::try_run).
+    ///
+    /// # Errors
+    ///
+    /// The error of the flight this call led or joined.
     ///
     /// # Examples
     ///
@@ -437,20 +405,13 @@ where
     /// # Ok::<(), &str>(())
     /// # }).unwrap();
     /// ```
-    pub fn try_refresh_if_current<F, Fut>(
-        &self,
-        key: K,
-        seen: Epoch,
-        f: F,
-    ) -> TryCall<'_, K, T, E, S, F>
+    pub fn try_refresh_if_current<F, Fut>(&self, key: K, seen: Epoch, f: F) -> TryCall<'_, K, T, E, S, F>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<T, E>> + Send + 'static,
     {
-        TryCall::new(
-            self.enter(key, Mode::RefreshIfCurrent(seen), WaitKind::Async),
-            f,
-        )
+        let mode = Mode::RefreshIfCurrent(seen);
+        TryCall::new(self.call(key, mode, WaitKind::Async), f)
     }
 
     /// Blocking [`try_run`](Self::try_run): runs `f` on this thread as the
@@ -468,7 +429,13 @@ where
     /// # Panics
     ///
     /// A panic in `f` propagates to this caller; one waiting follower runs
-    /// its own closure instead.
+    /// its own closure instead. Panics if called from inside the work of this
+    /// key's own flight, which it would wait for forever. As
+    /// [`try_run`](Self::try_run) for panicking clones.
+    ///
+    /// # Errors
+    ///
+    /// The error of the flight this call led or joined.
     ///
     /// # Examples
     ///
@@ -483,8 +450,7 @@ where
     where
         F: FnOnce() -> Result<T, E>,
     {
-        self.enter(key, Mode::Run, WaitKind::Blocking)
-            .resolve_blocking(f)
+        self.call(key, Mode::Run, WaitKind::Blocking).wait(f)
     }
 
     /// Blocking [`try_refresh_if_current`](Self::try_refresh_if_current).
@@ -498,6 +464,10 @@ where
     ///
     /// As [`try_run_blocking`](Self::try_run_blocking).
     ///
+    /// # Errors
+    ///
+    /// The error of the flight this call led or joined.
+    ///
     /// # Examples
     ///
     /// ```
@@ -509,17 +479,12 @@ where
     /// assert_eq!((again.value, again.role), (1, Role::Reused));
     /// # let _ = v1;
     /// ```
-    pub fn try_refresh_if_current_blocking<F>(
-        &self,
-        key: K,
-        seen: Epoch,
-        f: F,
-    ) -> Result<Outcome<T>, E>
+    pub fn try_refresh_if_current_blocking<F>(&self, key: K, seen: Epoch, f: F) -> Result<Outcome<T>, E>
     where
         F: FnOnce() -> Result<T, E>,
     {
-        self.enter(key, Mode::RefreshIfCurrent(seen), WaitKind::Blocking)
-            .resolve_blocking(f)
+        let mode = Mode::RefreshIfCurrent(seen);
+        self.call(key, mode, WaitKind::Blocking).wait(f)
     }
 
     /// The key's value once no flight is in progress: joins the flight in
@@ -537,6 +502,10 @@ where
     /// # Panics
     ///
     /// As [`try_run`](Self::try_run).
+    ///
+    /// # Errors
+    ///
+    /// The error of the flight this call led or joined.
     ///
     /// # Examples
     ///
@@ -561,7 +530,7 @@ where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<T, E>> + Send + 'static,
     {
-        TryCall::new(self.enter(key, Mode::Get, WaitKind::Async), f)
+        TryCall::new(self.call(key, Mode::Get, WaitKind::Async), f)
     }
 
     /// Blocking [`try_get`](Self::try_get).
@@ -574,6 +543,10 @@ where
     /// # Panics
     ///
     /// As [`try_run_blocking`](Self::try_run_blocking).
+    ///
+    /// # Errors
+    ///
+    /// The error of the flight this call led or joined.
     ///
     /// # Examples
     ///
@@ -588,8 +561,7 @@ where
     where
         F: FnOnce() -> Result<T, E>,
     {
-        self.enter(key, Mode::Get, WaitKind::Blocking)
-            .resolve_blocking(f)
+        self.call(key, Mode::Get, WaitKind::Blocking).wait(f)
     }
 
     /// The latest completed value for `key` and its epoch, without waiting.
@@ -610,8 +582,7 @@ where
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
-        let inner = self.inner.lock();
-        inner.get(key)?.value.clone()
+        self.registry.read(key, |stored| stored.cloned())
     }
 
     /// The latest epoch for `key`, [`Epoch::NONE`] if no value is stored.
@@ -631,14 +602,8 @@ where
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
-        let inner = self.inner.lock();
-        match inner.get(key) {
-            Some(Slot {
-                value: Some(stored),
-                ..
-            }) => stored.epoch,
-            _ => Epoch::NONE,
-        }
+        self.registry
+            .read(key, |stored| stored.map_or(Epoch::NONE, |s| s.epoch))
     }
 
     /// Drops the value stored for `key`. A flight in progress finishes for its
@@ -674,17 +639,13 @@ where
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
-        let mut inner = self.inner.lock();
-        let (removed_key, mut removed) = inner.remove(key)?;
-        inner.keep_detached(removed.flight.take());
-        drop(inner);
-        drop(removed_key);
-        removed.value.take()
+        self.registry.take(key)
     }
 
-    /// Whether a flight for `key` is in progress. A flight detached by
+    /// Whether a flight for `key` is in progress. A flight cut loose by
     /// [`forget`](Self::forget) or [`set`](Self::set) no longer counts,
-    /// though it still runs for its own callers.
+    /// though it still runs for its own callers; a flight finishing on the
+    /// [spawner](Self::with_spawner) does.
     ///
     /// # Examples
     ///
@@ -702,12 +663,11 @@ where
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
-        let inner = self.inner.lock();
-        inner.get(key).is_some_and(|s| s.flight.is_some())
+        self.registry.flight_of(key).is_some()
     }
 
     /// How many followers wait on `key`'s flight in progress (0 if none;
-    /// followers of a detached flight are not counted).
+    /// followers of a flight cut loose are not counted).
     ///
     /// Useful to release a gate once every expected caller has joined.
     ///
@@ -729,17 +689,13 @@ where
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
-        let inner = self.inner.lock();
-        inner
-            .get(key)
-            .and_then(|slot| slot.flight.as_ref()?.shared().map(|f| f.waiters()))
-            .unwrap_or(0)
+        self.registry.flight_of(key).unwrap_or(0)
     }
 
     /// Stores `value` for `key` directly, with a new epoch, and returns the
     /// epoch (for example after a login).
     ///
-    /// A flight in progress is detached as by [`forget`](Self::forget): its
+    /// A flight in progress is cut loose as by [`forget`](Self::forget): its
     /// callers get its result, which is not stored, so it cannot overwrite
     /// the newer value.
     ///
@@ -763,37 +719,40 @@ where
     /// [`set`](Self::set), returning the replaced value for the caller to
     /// drop outside its own locks.
     pub(crate) fn replace(&self, key: K, value: T) -> (Epoch, Option<Versioned<T>>) {
-        let mut inner = self.inner.lock();
-        let epoch = Epoch::from(inner.next_epoch());
-        let stored = Versioned { value, epoch };
-        let replaced = match inner.get_mut(&key) {
-            Some((_, slot)) => {
-                let cut_loose = slot.flight.take();
-                let replaced = slot.value.replace(stored);
-                inner.keep_detached(cut_loose);
-                replaced
-            }
-            None => {
-                let slot = Slot {
-                    value: Some(stored),
-                    flight: None,
-                };
-                inner.insert(key, slot);
-                None
-            }
-        };
-        drop(inner);
-        (epoch, replaced)
+        self.registry.replace(key, value)
     }
 
     /// The number of keys that hold a value or a flight in progress.
     pub fn len(&self) -> usize {
-        self.inner.lock().len()
+        self.registry.len()
     }
 
     /// Whether no key holds a value or a flight in progress.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Returns the map's spare memory to the allocator now. (The table of
+    /// values also shrinks on its own as keys are forgotten, once it is a
+    /// quarter full; this returns the rest.)
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use epochflight::SingleFlight;
+    ///
+    /// let flights: SingleFlight<u32, u32> = SingleFlight::new();
+    /// for k in 0..10_000 {
+    ///     flights.set(k, k);
+    /// }
+    /// for k in 0..10_000 {
+    ///     flights.forget(&k);
+    /// }
+    /// flights.shrink_to_fit();
+    /// assert!(flights.is_empty());
+    /// ```
+    pub fn shrink_to_fit(&self) {
+        self.registry.shrink_to_fit();
     }
 }
 
@@ -813,16 +772,16 @@ where
     ///
     /// # Cancel safety
     ///
-    /// Dropping the future of a follower withdraws it; the flight goes on.
-    /// Dropping the future of the caller that is running the work while
-    /// followers wait hands the work, as it is, to one of them, which
-    /// continues polling it: the work is never restarted. With no follower
-    /// left the work is dropped and the key is free.
+    /// As [`try_run`](Self::try_run): a dropped follower withdraws; a dropped
+    /// driver hands its work, as it is, to a follower, which continues it;
+    /// with no follower left, to the spawner if one is set, else the work is
+    /// dropped and the key is free.
     ///
     /// # Panics
     ///
     /// A panic in `f` or its future propagates to the caller polling it. The
     /// key is not poisoned: one waiting follower runs its own `f` instead.
+    /// As [`try_run`](Self::try_run) for panicking clones.
     ///
     /// # Examples
     ///
@@ -843,7 +802,7 @@ where
         F: FnOnce() -> Fut,
         Fut: Future<Output = T> + Send + 'static,
     {
-        Call::new(self.enter(key, Mode::Run, WaitKind::Async), f)
+        Call::new(self.call(key, Mode::Run, WaitKind::Async), f)
     }
 
     /// Runs `f` only if `seen` is still the key's latest epoch; otherwise
@@ -878,10 +837,8 @@ where
         F: FnOnce() -> Fut,
         Fut: Future<Output = T> + Send + 'static,
     {
-        Call::new(
-            self.enter(key, Mode::RefreshIfCurrent(seen), WaitKind::Async),
-            f,
-        )
+        let mode = Mode::RefreshIfCurrent(seen);
+        Call::new(self.call(key, mode, WaitKind::Async), f)
     }
 
     /// Blocking [`run`](Self::run).
@@ -894,7 +851,8 @@ where
     /// # Panics
     ///
     /// A panic in `f` propagates to this caller; one waiting follower runs
-    /// its own closure instead.
+    /// its own closure instead. As
+    /// [`try_run_blocking`](Self::try_run_blocking) otherwise.
     ///
     /// # Examples
     ///
@@ -971,7 +929,7 @@ where
         F: FnOnce() -> Fut,
         Fut: Future<Output = T> + Send + 'static,
     {
-        Call::new(self.enter(key, Mode::Get, WaitKind::Async), f)
+        Call::new(self.call(key, Mode::Get, WaitKind::Async), f)
     }
 
     /// Blocking [`get`](Self::get).

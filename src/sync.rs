@@ -1,9 +1,10 @@
 //! The one place that chooses between real and model-checked synchronisation.
 //!
 //! Normal builds use `parking_lot` and `std`. Under `RUSTFLAGS="--cfg loom"`
-//! (with the `loom` feature) the same names resolve to loom's types, so the
-//! loom suite in `loom-tests/` explores every interleaving of the real code.
-//! Raw `parking_lot` under loom would hang: loom cannot see its blocking.
+//! the same names resolve to loom's types, so the loom suite in `loom-tests/`
+//! and the models in `src/loom_models.rs` explore every interleaving of the
+//! real code. Raw `parking_lot` under loom would hang: loom cannot see its
+//! blocking.
 
 #[cfg(not(loom))]
 pub(crate) use parking_lot::Mutex;
@@ -13,6 +14,8 @@ pub(crate) use std::sync::Arc;
 pub(crate) use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 #[cfg(not(loom))]
 pub(crate) use std::thread;
+#[cfg(not(loom))]
+pub(crate) use std::thread_local;
 
 #[cfg(loom)]
 pub(crate) use loom::sync::Arc;
@@ -20,6 +23,8 @@ pub(crate) use loom::sync::Arc;
 pub(crate) use loom::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 #[cfg(loom)]
 pub(crate) use loom::thread;
+#[cfg(loom)]
+pub(crate) use loom::thread_local;
 #[cfg(loom)]
 pub(crate) use mocked::Mutex;
 
@@ -49,3 +54,37 @@ mod mocked {
 /// made from it, and the HTTP integrations take the user's manager in one.
 /// Reference counts are not part of what loom checks here.
 pub(crate) use std::sync::Arc as StdArc;
+
+/// This thread's reader number: threads get consecutive numbers when they
+/// first read, so two threads pinned to two cores use two different read
+/// slots (see `read_cache.rs`). Under loom every thread is reader 0: one
+/// shared slot is the case with the most interleavings.
+#[cfg(not(loom))]
+pub(crate) fn reader_number() -> usize {
+    use std::sync::atomic::AtomicUsize;
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local!(static NUMBER: usize = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+    NUMBER.with(|n| *n)
+}
+
+#[cfg(loom)]
+pub(crate) fn reader_number() -> usize {
+    0
+}
+
+/// How many read slots a `SingleFlight` gets: twice the parallelism the
+/// process may use (so pinned threads rarely share one), at most 64.
+#[cfg(not(loom))]
+pub(crate) fn read_slots() -> usize {
+    use std::sync::OnceLock;
+    static SLOTS: OnceLock<usize> = OnceLock::new();
+    *SLOTS.get_or_init(|| {
+        let cores = thread::available_parallelism().map_or(1, |n| n.get());
+        (cores * 2).next_power_of_two().min(64)
+    })
+}
+
+#[cfg(loom)]
+pub(crate) fn read_slots() -> usize {
+    1
+}

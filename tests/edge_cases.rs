@@ -128,17 +128,17 @@ impl Clone for Countdown {
     }
 }
 
-/// A panic in `T::clone` while the result is copied for the followers: the
-/// copy is made before anything changes, so the flight stays the key's and a
-/// follower takes it over. A caller arriving meanwhile joins that flight: no
-/// second flight's work runs beside it (I1).
+/// A panic in `T::clone` while the followers' copy is made reaches only the
+/// leader, whose copy it was: the result is stored and the follower gets it.
+/// No second work runs (for a token: no rotated refresh token is presented
+/// again), and no flight is left behind.
 #[test]
-fn clone_panic_while_publishing_keeps_one_flight() {
-    with_timeout("clone_panic_while_publishing_keeps_one_flight", || {
+fn clone_panic_while_publishing_reaches_only_the_leader() {
+    with_timeout("clone_panic_while_publishing_reaches_only_the_leader", || {
         let sf: Arc<SingleFlight<&str, Countdown>> = Arc::new(SingleFlight::new());
         let left = Arc::new(AtomicIsize::new(isize::MAX));
-        let (gate, follower_gate) = (Gate::new(), Gate::new());
-        let running = Arc::new(AtomicUsize::new(0));
+        let gate = Gate::new();
+        let runs = Arc::new(AtomicUsize::new(0));
         let (l, g) = (left.clone(), gate.clone());
         let mut leader = Box::pin(sf.run("k", move || async move {
             g.wait().await;
@@ -148,41 +148,23 @@ fn clone_panic_while_publishing_keeps_one_flight() {
         }));
         assert!(poll_once(leader.as_mut()).is_pending());
         let follower = {
-            let (sf, left, gate, running) = (
-                sf.clone(),
-                left.clone(),
-                follower_gate.clone(),
-                running.clone(),
-            );
+            let (sf, left, runs) = (sf.clone(), left.clone(), runs.clone());
             std::thread::spawn(move || {
                 sf.run_blocking("k", move || {
-                    running.fetch_add(1, Ordering::SeqCst);
-                    gate.wait_blocking();
+                    runs.fetch_add(1, Ordering::SeqCst);
                     Countdown(left)
                 })
             })
         };
         until_blocking(|| sf.waiters("k") == 1);
         gate.open();
-        assert!(catch_unwind(AssertUnwindSafe(|| block_on(leader))).is_err());
-        left.store(isize::MAX, Ordering::SeqCst);
-        // The follower was promoted and runs its own work, on the key's flight.
-        until_blocking(|| running.load(Ordering::SeqCst) == 1);
-        assert!(sf.is_in_flight("k"), "the flight is still the key's");
-        let late = sf.run("k", || async {
-            unreachable!("a second flight for the key")
-        });
-        assert_eq!(sf.waiters("k"), 1, "a new caller joins the running flight");
-        follower_gate.open();
-        let promoted = follower.join().unwrap();
-        let joined = block_on(late);
-        assert_eq!((promoted.role, joined.role), (Role::Led, Role::Joined));
-        assert_eq!(promoted.epoch, joined.epoch);
-        assert_eq!(
-            sf.current("k").unwrap().epoch,
-            promoted.epoch,
-            "its result is stored"
-        );
+        let panicked = catch_unwind(AssertUnwindSafe(|| block_on(leader)));
+        assert!(panicked.is_err(), "the leader's own copy panicked");
+        let joined = follower.join().expect("the follower is not affected");
+        assert_eq!(joined.role, Role::Joined);
+        assert_eq!(runs.load(Ordering::SeqCst), 0, "no second work ran");
+        assert_eq!(sf.current("k").unwrap().epoch, joined.epoch, "stored");
+        assert!(!sf.is_in_flight("k"));
     });
 }
 
@@ -217,7 +199,7 @@ fn set_and_forget_from_inside_the_work() {
                 "the detached result is not stored"
             );
             assert!(
-                format!("{sf:?}").contains("detached_in_flight: 0"),
+                format!("{sf:?}").contains("cut_loose_in_flight: 0"),
                 "{sf:?}"
             );
         }

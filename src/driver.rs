@@ -1,0 +1,163 @@
+//! The caller that runs a flight's work: its leader, a follower that took it
+//! over, or a task on the spawner. A drop guard: wherever it stops without a
+//! result (cancelled, panicked), its drop gives the flight up to the map,
+//! which hands it on (see `flight.rs`).
+
+use std::future::poll_fn;
+use std::mem;
+use std::panic::resume_unwind;
+use std::task::{Context, Poll};
+
+use crate::block_on::block_on;
+use crate::epoch::Role;
+use crate::flight::{self, Finished, FlightId};
+use crate::registry::{Orphan, Registry};
+use crate::spawner::Task;
+use crate::sync::Arc;
+use crate::work::Work;
+
+pub(crate) struct Driver<'a, K, T, E, S> {
+    registry: &'a Arc<Registry<K, T, E, S>>,
+    id: FlightId,
+    progress: Progress<T, E>,
+    /// It continues work a cancelled driver handed on: its caller `Joined`.
+    adopted: bool,
+    /// It is the spawner's task: dropped unfinished, it does not spawn again.
+    on_spawner: bool,
+}
+
+enum Progress<T, E> {
+    /// The caller's closure has not run yet: there is no work.
+    Unstarted,
+    /// User code runs (the closure, a poll of the work) or the result is
+    /// being published. Dropped in this state, that code panicked, and the
+    /// unwinding already dropped the work.
+    Busy,
+    /// Between two polls of the work.
+    Paused(Work<T, E>),
+    /// The result is published.
+    Finished,
+}
+
+impl<'a, K, T, E, S> Driver<'a, K, T, E, S> {
+    /// The leader of a new flight, or a follower promoted to run its own
+    /// closure.
+    pub(crate) fn leading(registry: &'a Arc<Registry<K, T, E, S>>, id: FlightId) -> Self {
+        Self::new(registry, id, Progress::Unstarted, false)
+    }
+
+    /// A follower that took over work a cancelled driver handed on.
+    pub(crate) fn adopting(registry: &'a Arc<Registry<K, T, E, S>>, id: FlightId, work: Work<T, E>) -> Self {
+        Self::new(registry, id, Progress::Paused(work), true)
+    }
+
+    fn new(registry: &'a Arc<Registry<K, T, E, S>>, id: FlightId, progress: Progress<T, E>, adopted: bool) -> Self {
+        Self {
+            registry,
+            id,
+            progress,
+            adopted,
+            on_spawner: false,
+        }
+    }
+
+    /// `Led` if it runs its own closure, `Joined` if it continues the work a
+    /// cancelled driver handed on (the work is the flight's, not its own).
+    pub(crate) fn role(&self) -> Role {
+        if self.adopted { Role::Joined } else { Role::Led }
+    }
+
+    /// Whether its work is still to be made by the caller's closure.
+    pub(crate) fn is_unstarted(&self) -> bool {
+        matches!(self.progress, Progress::Unstarted)
+    }
+
+    /// Calls the caller's closure to make the work.
+    pub(crate) fn start(&mut self, make: impl FnOnce() -> Work<T, E>) {
+        self.progress = Progress::Busy;
+        self.progress = Progress::Paused(make());
+    }
+}
+
+impl<K, T, E, S> Driver<'_, K, T, E, S>
+where
+    K: Eq + Clone,
+    T: Clone,
+    E: Clone,
+{
+    /// Polls the work; once it is done, stores and publishes the result and
+    /// returns the caller's copy.
+    pub(crate) fn poll_work(&mut self, cx: &mut Context<'_>) -> Poll<Finished<T, E>> {
+        let Progress::Paused(mut work) = mem::replace(&mut self.progress, Progress::Busy) else {
+            panic!("an epochflight call was polled after it completed or panicked");
+        };
+        let map = self.registry.address();
+        match flight::driving(map, self.id, || work.poll(cx)) {
+            Poll::Pending => {
+                self.progress = Progress::Paused(work);
+                Poll::Pending
+            }
+            Poll::Ready(result) => {
+                // The finished future goes first, outside every lock.
+                drop(work);
+                Poll::Ready(self.finish(result))
+            }
+        }
+    }
+
+    /// Runs a blocking caller's closure as the work.
+    pub(crate) fn run_blocking(mut self, f: impl FnOnce() -> Result<T, E>) -> Finished<T, E> {
+        self.progress = Progress::Busy;
+        let map = self.registry.address();
+        let result = flight::driving(map, self.id, f);
+        self.finish(result)
+    }
+
+    /// Drives the work to its end on this thread.
+    pub(crate) fn drive_blocking(mut self) -> Finished<T, E> {
+        block_on(poll_fn(|cx| self.poll_work(cx)))
+    }
+
+    fn finish(&mut self, result: Result<T, E>) -> Finished<T, E> {
+        // Still `Busy`: if publishing panics (a key whose `Eq` panics), the
+        // drop gives the flight up as after a panic in the work.
+        let completed = self.registry.complete(self.id, result);
+        self.progress = Progress::Finished;
+        match completed {
+            Ok(finished) => finished,
+            // A clone made for this caller panicked; everyone else has what
+            // they need.
+            Err(panic) => resume_unwind(panic),
+        }
+    }
+}
+
+impl<K, T, E, S> Drop for Driver<'_, K, T, E, S> {
+    fn drop(&mut self) {
+        let work = match mem::replace(&mut self.progress, Progress::Finished) {
+            Progress::Finished => return,
+            Progress::Unstarted | Progress::Busy => None,
+            Progress::Paused(work) => Some(work),
+        };
+        self.registry.give_up(self.id, work, !self.on_spawner);
+    }
+}
+
+/// The task that finishes an orphan's work on the spawner and stores its
+/// result as an awaited flight would. Made by `SingleFlight::with_spawner`,
+/// where the `Send + 'static` bounds hold.
+pub(crate) fn finish_on_spawner<K, T, E, S>(orphan: Orphan<K, T, E, S>) -> Task
+where
+    K: Eq + Clone + Send + 'static,
+    T: Clone + Send + 'static,
+    E: Clone + Send + 'static,
+    S: Send + Sync + 'static,
+{
+    Box::pin(async move {
+        let Orphan { registry, id, work } = orphan;
+        let mut driver = Driver::adopting(&registry, id, work);
+        driver.on_spawner = true;
+        // The result has no caller: it is stored and published, then dropped.
+        drop(poll_fn(|cx| driver.poll_work(cx)).await);
+    })
+}
