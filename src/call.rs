@@ -15,7 +15,7 @@ use crate::epoch::{Outcome, Role, Versioned};
 use crate::flight::Finished;
 use crate::follower::{Followed, Follower};
 use crate::registry::{Entered, Mode, Registry};
-use crate::sync::Arc;
+use crate::sync::StdArc;
 use crate::work::{MakeWork, ReturnsResult, ReturnsValue};
 
 /// Where a caller is in its call. Set when it registers with the map (at
@@ -33,7 +33,11 @@ pub(crate) enum CallState<'a, K, T, E, S> {
 }
 
 impl<'a, K, T, E, S> CallState<'a, K, T, E, S> {
-    pub(crate) fn new(registry: &'a Arc<Registry<K, T, E, S>>, entered: Entered<T, E>, mode: Mode) -> Self {
+    pub(crate) fn new(
+        registry: &'a StdArc<Registry<K, T, E, S>>,
+        entered: Entered<T, E>,
+        mode: Mode,
+    ) -> Self {
         match entered {
             Entered::Reused(stored) => CallState::Reused(Some(stored)),
             Entered::Lead(id) => CallState::Driving(Driver::leading(registry, id)),
@@ -61,7 +65,11 @@ where
 {
     /// The reuse fast path inline; every other state out of line.
     #[inline]
-    fn poll<W: MakeWork<T, E>>(&mut self, make: &mut Option<W>, cx: &mut Context<'_>) -> Poll<Result<Outcome<T>, E>> {
+    fn poll<W: MakeWork<T, E>>(
+        &mut self,
+        make: &mut Option<W>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Outcome<T>, E>> {
         if let CallState::Reused(stored) = self {
             if let Some(stored) = stored.take() {
                 return Poll::Ready(Ok(reused(stored)));
@@ -71,7 +79,11 @@ where
     }
 
     #[inline(never)]
-    fn poll_flight<W: MakeWork<T, E>>(&mut self, make: &mut Option<W>, cx: &mut Context<'_>) -> Poll<Result<Outcome<T>, E>> {
+    fn poll_flight<W: MakeWork<T, E>>(
+        &mut self,
+        make: &mut Option<W>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Outcome<T>, E>> {
         loop {
             // Every state is polled in place. After a panic in user code the
             // driver stays here until the future is dropped: its drop knows
@@ -224,10 +236,12 @@ where
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Outcome<T>> {
         let this = self.get_mut();
-        this.state.poll(&mut this.make, cx).map(|result| match result {
-            Ok(outcome) => outcome,
-            Err(never) => match never {},
-        })
+        this.state
+            .poll(&mut this.make, cx)
+            .map(|result| match result {
+                Ok(outcome) => outcome,
+                Err(never) => match never {},
+            })
     }
 }
 

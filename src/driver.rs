@@ -13,11 +13,11 @@ use crate::epoch::Role;
 use crate::flight::{self, Finished, FlightId};
 use crate::registry::{Orphan, Registry};
 use crate::spawner::Task;
-use crate::sync::Arc;
+use crate::sync::StdArc;
 use crate::work::Work;
 
 pub(crate) struct Driver<'a, K, T, E, S> {
-    registry: &'a Arc<Registry<K, T, E, S>>,
+    registry: &'a StdArc<Registry<K, T, E, S>>,
     id: FlightId,
     progress: Progress<T, E>,
     /// It continues work a cancelled driver handed on: its caller `Joined`.
@@ -42,16 +42,25 @@ enum Progress<T, E> {
 impl<'a, K, T, E, S> Driver<'a, K, T, E, S> {
     /// The leader of a new flight, or a follower promoted to run its own
     /// closure.
-    pub(crate) fn leading(registry: &'a Arc<Registry<K, T, E, S>>, id: FlightId) -> Self {
+    pub(crate) fn leading(registry: &'a StdArc<Registry<K, T, E, S>>, id: FlightId) -> Self {
         Self::new(registry, id, Progress::Unstarted, false)
     }
 
     /// A follower that took over work a cancelled driver handed on.
-    pub(crate) fn adopting(registry: &'a Arc<Registry<K, T, E, S>>, id: FlightId, work: Work<T, E>) -> Self {
+    pub(crate) fn adopting(
+        registry: &'a StdArc<Registry<K, T, E, S>>,
+        id: FlightId,
+        work: Work<T, E>,
+    ) -> Self {
         Self::new(registry, id, Progress::Paused(work), true)
     }
 
-    fn new(registry: &'a Arc<Registry<K, T, E, S>>, id: FlightId, progress: Progress<T, E>, adopted: bool) -> Self {
+    fn new(
+        registry: &'a StdArc<Registry<K, T, E, S>>,
+        id: FlightId,
+        progress: Progress<T, E>,
+        adopted: bool,
+    ) -> Self {
         Self {
             registry,
             id,
@@ -64,7 +73,11 @@ impl<'a, K, T, E, S> Driver<'a, K, T, E, S> {
     /// `Led` if it runs its own closure, `Joined` if it continues the work a
     /// cancelled driver handed on (the work is the flight's, not its own).
     pub(crate) fn role(&self) -> Role {
-        if self.adopted { Role::Joined } else { Role::Led }
+        if self.adopted {
+            Role::Joined
+        } else {
+            Role::Led
+        }
     }
 
     /// Whether its work is still to be made by the caller's closure.

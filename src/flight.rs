@@ -175,9 +175,7 @@ impl<T, E> Flight<T, E> {
             Phase::Orphaned(_) | Phase::Vacant if kind == WaitKind::Nested => Step::Wait,
             // Left to an async heir, which polls it on its own executor. If
             // they all leave, `leave` wakes the blocking ones again.
-            Phase::Orphaned(_) if kind == WaitKind::Blocking && state.async_heirs > 0 => {
-                Step::Wait
-            }
+            Phase::Orphaned(_) if kind == WaitKind::Blocking && state.async_heirs > 0 => Step::Wait,
             Phase::Orphaned(_) => match mem::replace(&mut state.phase, Phase::Running) {
                 Phase::Orphaned(work) => Step::Adopt(work),
                 _ => unreachable!("phase checked above"),
@@ -214,7 +212,10 @@ impl<T, E> Flight<T, E> {
     /// heir must start over). With heirs waiting, they get it, and the
     /// returned wakers (to wake once unlocked) tell them; with none, the
     /// caller stays responsible for the flight.
-    pub(crate) fn hand_off(&self, work: Option<Work<T, E>>) -> Result<WakeOnDrop, Unattended<T, E>> {
+    pub(crate) fn hand_off(
+        &self,
+        work: Option<Work<T, E>>,
+    ) -> Result<WakeOnDrop, Unattended<T, E>> {
         let mut state = self.state.lock();
         if state.heirs() == 0 {
             return Err(Unattended(work));
@@ -289,6 +290,8 @@ impl<T, E> State<T, E> {
 thread_local! {
     /// The flight this thread is polling the work of: the address of its
     /// map and its id (`(0, 0)`: none).
+    // Not `const { .. }`: loom's `thread_local!` does not take it.
+    #[allow(clippy::missing_const_for_thread_local)]
     static DRIVING: Cell<(usize, FlightId)> = Cell::new((0, 0));
 }
 

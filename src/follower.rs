@@ -9,11 +9,11 @@ use crate::driver::Driver;
 use crate::epoch::Versioned;
 use crate::flight::{Finished, Flight, FlightId, Step, WaitKind};
 use crate::registry::{Mode, Registry};
-use crate::sync::Arc;
+use crate::sync::{Arc, StdArc};
 use crate::wakers::Registration;
 
 pub(crate) struct Follower<'a, K, T, E, S> {
-    registry: &'a Arc<Registry<K, T, E, S>>,
+    registry: &'a StdArc<Registry<K, T, E, S>>,
     id: FlightId,
     flight: Arc<Flight<T, E>>,
     kind: WaitKind,
@@ -36,7 +36,7 @@ pub(crate) enum Followed<'a, K, T, E, S> {
 
 impl<'a, K, T, E, S> Follower<'a, K, T, E, S> {
     pub(crate) fn new(
-        registry: &'a Arc<Registry<K, T, E, S>>,
+        registry: &'a StdArc<Registry<K, T, E, S>>,
         id: FlightId,
         flight: Arc<Flight<T, E>>,
         kind: WaitKind,
@@ -64,7 +64,9 @@ where
     /// nothing to do yet.
     pub(crate) fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Followed<'a, K, T, E, S>> {
         assert!(!self.resolved, "a resolved follower looked again");
-        let step = self.flight.step(self.kind, cx.waker(), &mut self.registration);
+        let step = self
+            .flight
+            .step(self.kind, cx.waker(), &mut self.registration);
         Poll::Ready(match step {
             Step::Wait => return Poll::Pending,
             Step::Done(result) => {

@@ -48,8 +48,9 @@ mod flight;
 mod flight_table;
 mod follower;
 mod hashed;
-#[cfg(all(test, loom))]
-mod loom_models;
+#[cfg(loom)]
+#[doc(hidden)]
+pub mod loom_models;
 mod read_cache;
 mod registry;
 mod single_flight;

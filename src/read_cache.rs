@@ -28,7 +28,7 @@ use std::borrow::Borrow;
 
 use crate::epoch::Versioned;
 use crate::hashed::Hashed;
-use crate::sync::{AtomicU64, Mutex, Ordering, reader_number, read_slots};
+use crate::sync::{AtomicU64, Mutex, Ordering, read_slots, reader_number};
 
 pub(crate) struct ReadCache<K, T> {
     version: AtomicU64,
@@ -76,7 +76,8 @@ impl<K, T> ReadCache<K, T> {
     pub(crate) fn changed(&self) {
         // Writers are serialised by the map lock: no read-modify-write.
         let version = self.version.load(Ordering::Relaxed);
-        self.version.store(version.wrapping_add(1), Ordering::Release);
+        self.version
+            .store(version.wrapping_add(1), Ordering::Release);
     }
 
     /// The version an entry made now records; call under the map lock.
@@ -143,17 +144,20 @@ impl<K, T> ReadCache<K, T> {
     }
 }
 
+/// One slot per reader number (modulo).
+type SlotArray<K, T> = Box<[Padded<Mutex<Slot<K, T>>>]>;
+
 /// The slots, allocated on first use: a `SingleFlight` nobody reads from
 /// costs none.
 #[cfg(not(loom))]
-struct Slots<K, T>(std::sync::OnceLock<Box<[Padded<Mutex<Slot<K, T>>>]>>);
+struct Slots<K, T>(std::sync::OnceLock<SlotArray<K, T>>);
 
 /// Under loom, allocated at once (loom cannot see `OnceLock`'s blocking).
 #[cfg(loom)]
-struct Slots<K, T>(Box<[Padded<Mutex<Slot<K, T>>>]>);
+struct Slots<K, T>(SlotArray<K, T>);
 
 impl<K, T> Slots<K, T> {
-    fn make() -> Box<[Padded<Mutex<Slot<K, T>>>]> {
+    fn make() -> SlotArray<K, T> {
         (0..read_slots())
             .map(|_| {
                 Padded(Mutex::new(Slot {

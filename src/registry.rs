@@ -29,7 +29,7 @@ use crate::flight_table::FlightTable;
 use crate::hashed::{BuildPassThrough, Hashed, Probe};
 use crate::read_cache::{Entry, ReadCache};
 use crate::spawner::Spawner;
-use crate::sync::{Arc, Mutex};
+use crate::sync::{Arc, Mutex, StdArc};
 use crate::wakers::{Registration, WakeOnDrop};
 use crate::work::Work;
 
@@ -56,7 +56,7 @@ struct Map<K, T, E> {
 
 /// Work whose callers all went away, to finish on the spawner.
 pub(crate) struct Orphan<K, T, E, S> {
-    pub(crate) registry: Arc<Registry<K, T, E, S>>,
+    pub(crate) registry: StdArc<Registry<K, T, E, S>>,
     pub(crate) id: FlightId,
     pub(crate) work: Work<T, E>,
 }
@@ -119,7 +119,12 @@ impl<K, T, E, S> Registry<K, T, E, S> {
     /// Heirs take it over; with none, the work finishes on the spawner if
     /// `may_spawn` (not for a driver already on it), else the flight is
     /// released.
-    pub(crate) fn give_up(self: &Arc<Self>, id: FlightId, work: Option<Work<T, E>>, may_spawn: bool) {
+    pub(crate) fn give_up(
+        self: &StdArc<Self>,
+        id: FlightId,
+        work: Option<Work<T, E>>,
+        may_spawn: bool,
+    ) {
         let map = self.map.lock();
         let shared = map.flights.get(id).shared.clone();
         let handed = match &shared {
@@ -135,7 +140,7 @@ impl<K, T, E, S> Registry<K, T, E, S> {
 
     /// A follower of flight `id` leaves without its result.
     pub(crate) fn leave(
-        self: &Arc<Self>,
+        self: &StdArc<Self>,
         id: FlightId,
         flight: &Flight<T, E>,
         kind: WaitKind,
@@ -151,7 +156,12 @@ impl<K, T, E, S> Registry<K, T, E, S> {
 
     /// Takes responsibility for flight `id`, which nobody drives and nobody
     /// can take over: spawn its work, or drop it and release the flight.
-    fn attend(self: &Arc<Self>, id: FlightId, Unattended(work): Unattended<T, E>, may_spawn: bool) {
+    fn attend(
+        self: &StdArc<Self>,
+        id: FlightId,
+        Unattended(work): Unattended<T, E>,
+        may_spawn: bool,
+    ) {
         match (work, &self.spawner) {
             (Some(work), Some(spawner)) if may_spawn => {
                 let orphan = Orphan {
@@ -202,10 +212,14 @@ where
         let hash = self.hasher.hash_one(&key);
         let mut fill = false;
         if may_reuse {
-            let cached = self.reads.read(&key, || hash, |entry| {
-                let stored = entry.value.as_ref()?;
-                mode.reuses(stored, entry.in_flight).then(|| stored.clone())
-            });
+            let cached = self.reads.read(
+                &key,
+                || hash,
+                |entry| {
+                    let stored = entry.value.as_ref()?;
+                    mode.reuses(stored, entry.in_flight).then(|| stored.clone())
+                },
+            );
             match cached {
                 Ok(Some(stored)) => return Entered::Reused(stored),
                 Ok(None) => {}
@@ -215,7 +229,11 @@ where
         let key = Hashed { hash, key };
         let mut map = self.map.lock();
         let found = map.flights.find(hash, &key.key);
-        let stored = if may_reuse { map.values.get(&key) } else { None };
+        let stored = if may_reuse {
+            map.values.get(&key)
+        } else {
+            None
+        };
         if let Some(stored) = stored.filter(|s| mode.reuses(s, found.is_some())) {
             let stored = stored.clone();
             let version = self.reads.version();
@@ -264,9 +282,11 @@ where
         Q: Hash + Eq + ?Sized,
     {
         let hasher = &self.hasher;
-        let cached = self.reads.read(key, || hasher.hash_one(key), |entry: &Entry<K, T>| {
-            answer(entry.value.as_ref())
-        });
+        let cached = self.reads.read(
+            key,
+            || hasher.hash_one(key),
+            |entry: &Entry<K, T>| answer(entry.value.as_ref()),
+        );
         let (hash, fill) = match cached {
             Ok(answer) => return answer,
             Err(miss) => (miss.hash, miss.fill),
@@ -375,7 +395,11 @@ where
     ///
     /// A panicking `T::clone` or `E::clone` reaches only the driver's caller
     /// (`Err(panic)`, once everything is published): see [`Copies`].
-    pub(crate) fn complete(&self, id: FlightId, result: Result<T, E>) -> Result<Finished<T, E>, Panic>
+    pub(crate) fn complete(
+        &self,
+        id: FlightId,
+        result: Result<T, E>,
+    ) -> Result<Finished<T, E>, Panic>
     where
         E: Clone,
     {
@@ -390,17 +414,21 @@ where
         let store = flight.attached && copies.succeeded();
         // Probed before anything changes: a `K::eq` that panics leaves the
         // flight as it was, and the driver's drop hands it on.
-        let stored_at = if store { values.get_mut(&flight.key) } else { None };
+        let stored_at = if store {
+            values.get_mut(&flight.key)
+        } else {
+            None
+        };
         *last_epoch += 1;
         let stamp = Stamp::issued(*last_epoch);
         let stored = store.then(|| Versioned {
-            value: copies.to_store(),
+            value: copies.take_for_store(),
             epoch: Epoch::from(stamp),
         });
         let published = flight
             .shared
             .is_some()
-            .then(|| copies.to_publish(stored.as_ref().map(|s| &s.value)));
+            .then(|| copies.take_for_followers(stored.as_ref().map(|s| &s.value)));
         let mut replaced = None;
         if let Some(stored) = stored {
             self.reads.changed();
@@ -437,7 +465,7 @@ where
         // The replaced value's drop is user code that may panic: caught, so
         // that the driver marks itself finished before the panic goes on.
         let dropped = catch_unwind(AssertUnwindSafe(|| drop((removed, replaced))));
-        let returned = copies.to_return();
+        let returned = copies.into_own();
         match dropped {
             Ok(()) => returned.map(|result| result.map(|value| (value, stamp))),
             Err(panic) => Err(panic),
@@ -464,7 +492,10 @@ where
     /// Keys holding a value or a flight in progress.
     pub(crate) fn len(&self) -> usize {
         let map = self.map.lock();
-        let without_value = map.flights.attached().filter(|f| !map.values.contains_key(&f.key));
+        let without_value = map
+            .flights
+            .attached()
+            .filter(|f| !map.values.contains_key(&f.key));
         map.values.len() + without_value.count()
     }
 }
@@ -527,7 +558,7 @@ impl<T: Clone, E: Clone> Copies<T, E> {
     }
 
     /// The value to store; the result succeeded.
-    fn to_store(&mut self) -> T {
+    fn take_for_store(&mut self) -> T {
         match self.spare.take() {
             Some(Ok(copy)) => copy,
             Some(Err(panic)) => {
@@ -543,7 +574,7 @@ impl<T: Clone, E: Clone> Copies<T, E> {
 
     /// The followers' copy: of the original, or of `stored` if the original
     /// was stored. `None` if no copy could be made.
-    fn to_publish(&mut self, stored: Option<&T>) -> Option<Result<T, E>> {
+    fn take_for_followers(&mut self, stored: Option<&T>) -> Option<Result<T, E>> {
         let copy = match (&self.original, stored) {
             (Some(Ok(value)), _) => try_clone(value).map(Ok),
             (Some(Err(error)), _) => try_clone(error).map(Err),
@@ -560,7 +591,7 @@ impl<T: Clone, E: Clone> Copies<T, E> {
     }
 
     /// The driver's own result, or the panic of a clone made for it.
-    fn to_return(self) -> Result<Result<T, E>, Panic> {
+    fn into_own(self) -> Result<Result<T, E>, Panic> {
         match (self.panic, self.original) {
             (None, Some(result)) => Ok(result),
             (Some(panic), _) => Err(panic),

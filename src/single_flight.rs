@@ -15,7 +15,7 @@ use crate::epoch::{Epoch, Outcome, Versioned};
 use crate::flight::WaitKind;
 use crate::registry::{Mode, Registry};
 use crate::spawner::Spawner;
-use crate::sync::Arc;
+use crate::sync::StdArc;
 
 /// A map of single flights with epochs: concurrent *and late* callers for a
 /// key share one execution of the work.
@@ -127,7 +127,7 @@ use crate::sync::Arc;
 /// full; [`shrink_to_fit`](Self::shrink_to_fit) returns all spare memory at
 /// once. `benches/README.md` has the measurements.
 pub struct SingleFlight<K, T, E = Infallible, S = RandomState> {
-    registry: Arc<Registry<K, T, E, S>>,
+    registry: StdArc<Registry<K, T, E, S>>,
 }
 
 impl<K, T, E> SingleFlight<K, T, E, RandomState> {
@@ -160,7 +160,7 @@ impl<K, T, E, S> SingleFlight<K, T, E, S> {
     /// ```
     pub fn with_hasher(hasher: S) -> Self {
         Self {
-            registry: Arc::new(Registry::new(hasher)),
+            registry: StdArc::new(Registry::new(hasher)),
         }
     }
 
@@ -270,9 +270,12 @@ where
     where
         F: Fn(Pin<Box<dyn Future<Output = ()> + Send + 'static>>) + Send + Sync + 'static,
     {
-        let registry = Arc::get_mut(&mut self.registry)
+        let registry = StdArc::get_mut(&mut self.registry)
             .expect("set the spawner before a flight of this SingleFlight is on a spawner");
-        registry.set_spawner(Spawner::new(Box::new(spawn), finish_on_spawner::<K, T, E, S>));
+        registry.set_spawner(Spawner::new(
+            Box::new(spawn),
+            finish_on_spawner::<K, T, E, S>,
+        ));
         self
     }
 }
@@ -405,7 +408,12 @@ where
     /// # Ok::<(), &str>(())
     /// # }).unwrap();
     /// ```
-    pub fn try_refresh_if_current<F, Fut>(&self, key: K, seen: Epoch, f: F) -> TryCall<'_, K, T, E, S, F>
+    pub fn try_refresh_if_current<F, Fut>(
+        &self,
+        key: K,
+        seen: Epoch,
+        f: F,
+    ) -> TryCall<'_, K, T, E, S, F>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<T, E>> + Send + 'static,
@@ -479,7 +487,12 @@ where
     /// assert_eq!((again.value, again.role), (1, Role::Reused));
     /// # let _ = v1;
     /// ```
-    pub fn try_refresh_if_current_blocking<F>(&self, key: K, seen: Epoch, f: F) -> Result<Outcome<T>, E>
+    pub fn try_refresh_if_current_blocking<F>(
+        &self,
+        key: K,
+        seen: Epoch,
+        f: F,
+    ) -> Result<Outcome<T>, E>
     where
         F: FnOnce() -> Result<T, E>,
     {

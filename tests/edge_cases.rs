@@ -134,38 +134,41 @@ impl Clone for Countdown {
 /// again), and no flight is left behind.
 #[test]
 fn clone_panic_while_publishing_reaches_only_the_leader() {
-    with_timeout("clone_panic_while_publishing_reaches_only_the_leader", || {
-        let sf: Arc<SingleFlight<&str, Countdown>> = Arc::new(SingleFlight::new());
-        let left = Arc::new(AtomicIsize::new(isize::MAX));
-        let gate = Gate::new();
-        let runs = Arc::new(AtomicUsize::new(0));
-        let (l, g) = (left.clone(), gate.clone());
-        let mut leader = Box::pin(sf.run("k", move || async move {
-            g.wait().await;
-            // 1st clone: the stored copy; 2nd: the followers' copy.
-            l.store(2, Ordering::SeqCst);
-            Countdown(l)
-        }));
-        assert!(poll_once(leader.as_mut()).is_pending());
-        let follower = {
-            let (sf, left, runs) = (sf.clone(), left.clone(), runs.clone());
-            std::thread::spawn(move || {
-                sf.run_blocking("k", move || {
-                    runs.fetch_add(1, Ordering::SeqCst);
-                    Countdown(left)
+    with_timeout(
+        "clone_panic_while_publishing_reaches_only_the_leader",
+        || {
+            let sf: Arc<SingleFlight<&str, Countdown>> = Arc::new(SingleFlight::new());
+            let left = Arc::new(AtomicIsize::new(isize::MAX));
+            let gate = Gate::new();
+            let runs = Arc::new(AtomicUsize::new(0));
+            let (l, g) = (left.clone(), gate.clone());
+            let mut leader = Box::pin(sf.run("k", move || async move {
+                g.wait().await;
+                // 1st clone: the stored copy; 2nd: the followers' copy.
+                l.store(2, Ordering::SeqCst);
+                Countdown(l)
+            }));
+            assert!(poll_once(leader.as_mut()).is_pending());
+            let follower = {
+                let (sf, left, runs) = (sf.clone(), left.clone(), runs.clone());
+                std::thread::spawn(move || {
+                    sf.run_blocking("k", move || {
+                        runs.fetch_add(1, Ordering::SeqCst);
+                        Countdown(left)
+                    })
                 })
-            })
-        };
-        until_blocking(|| sf.waiters("k") == 1);
-        gate.open();
-        let panicked = catch_unwind(AssertUnwindSafe(|| block_on(leader)));
-        assert!(panicked.is_err(), "the leader's own copy panicked");
-        let joined = follower.join().expect("the follower is not affected");
-        assert_eq!(joined.role, Role::Joined);
-        assert_eq!(runs.load(Ordering::SeqCst), 0, "no second work ran");
-        assert_eq!(sf.current("k").unwrap().epoch, joined.epoch, "stored");
-        assert!(!sf.is_in_flight("k"));
-    });
+            };
+            until_blocking(|| sf.waiters("k") == 1);
+            gate.open();
+            let panicked = catch_unwind(AssertUnwindSafe(|| block_on(leader)));
+            assert!(panicked.is_err(), "the leader's own copy panicked");
+            let joined = follower.join().expect("the follower is not affected");
+            assert_eq!(joined.role, Role::Joined);
+            assert_eq!(runs.load(Ordering::SeqCst), 0, "no second work ran");
+            assert_eq!(sf.current("k").unwrap().epoch, joined.epoch, "stored");
+            assert!(!sf.is_in_flight("k"));
+        },
+    );
 }
 
 /// `set` and `forget` from inside the work of the same key, with a follower

@@ -223,7 +223,7 @@ fn work_is_dropped_and_the_key_freed_when_nobody_is_left() {
         assert!(!sf.is_in_flight(&K));
         assert_eq!(sf.len(), 0);
         assert!(
-            format!("{sf:?}").contains("detached_in_flight: 0"),
+            format!("{sf:?}").contains("cut_loose_in_flight: 0"),
             "{sf:?}"
         );
     });

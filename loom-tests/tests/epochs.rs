@@ -153,7 +153,7 @@ fn a_follower_promoted_after_a_set_reuses_the_newer_value() {
         assert_eq!(sf.epoch(&K), es);
         assert!(!sf.is_in_flight(&K));
         assert!(
-            format!("{sf:?}").contains("detached_in_flight: 0"),
+            format!("{sf:?}").contains("cut_loose_in_flight: 0"),
             "{sf:?}"
         );
         assert_eq!(sf.len(), 1);
@@ -190,7 +190,7 @@ fn a_detached_flights_promoted_follower_does_not_overwrite() {
         );
         assert!(!sf.is_in_flight(&K));
         assert!(
-            format!("{sf:?}").contains("detached_in_flight: 0"),
+            format!("{sf:?}").contains("cut_loose_in_flight: 0"),
             "{sf:?}"
         );
     });

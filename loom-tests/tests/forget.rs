@@ -63,7 +63,7 @@ fn forget_during_flight_starts_a_new_flight_that_is_not_clobbered() {
 /// finishes the same work (one start, one finish, `Joined`); whenever the
 /// `forget` landed, the key ends empty (the result was not stored, or was
 /// stored and then forgotten), no slot is left, the detached flight is
-/// released (`detached_in_flight: 0`), and the next caller leads a fresh
+/// released (`cut_loose_in_flight: 0`), and the next caller leads a fresh
 /// flight.
 #[test]
 fn forget_racing_a_hand_off() {
@@ -105,7 +105,7 @@ fn forget_racing_a_hand_off() {
         assert_eq!(sf.current(&K), None);
         assert_eq!(sf.len(), 0);
         assert!(
-            format!("{sf:?}").contains("detached_in_flight: 0"),
+            format!("{sf:?}").contains("cut_loose_in_flight: 0"),
             "{sf:?}"
         );
         let next = block_on(sf.run(K, || async { 7 }));
