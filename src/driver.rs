@@ -159,7 +159,7 @@ impl<K, T, E, S> Drop for Driver<'_, K, T, E, S> {
 /// The task that finishes an orphan's work on the spawner and stores its
 /// result as an awaited flight would. Made by `SingleFlight::with_spawner`,
 /// where the `Send + 'static` bounds hold.
-pub(crate) fn finish_on_spawner<K, T, E, S>(orphan: Orphan<K, T, E, S>) -> Task
+pub(crate) fn finish_on_spawner<K, T, E, S>(mut orphan: Orphan<K, T, E, S>) -> Task
 where
     K: Eq + Clone + Send + 'static,
     T: Clone + Send + 'static,
@@ -167,8 +167,8 @@ where
     S: Send + Sync + 'static,
 {
     Box::pin(async move {
-        let Orphan { registry, id, work } = orphan;
-        let mut driver = Driver::adopting(&registry, id, work);
+        let work = orphan.work.take().expect("an orphan is spawned once");
+        let mut driver = Driver::adopting(&orphan.registry, orphan.id, work);
         driver.on_spawner = true;
         // The result has no caller: it is stored and published, then dropped.
         drop(poll_fn(|cx| driver.poll_work(cx)).await);

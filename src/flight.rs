@@ -119,9 +119,15 @@ pub(crate) enum Step<T, E> {
     Promote,
 }
 
-/// A flight with nobody left to take it over, and its work if it has
-/// started: whoever holds this is responsible for the flight.
-pub(crate) struct Unattended<T, E>(pub(crate) Option<Work<T, E>>);
+/// A flight with nobody left to take it over: whoever holds this is
+/// responsible for the flight.
+pub(crate) struct Unattended<T, E> {
+    /// Its work, if it has started.
+    pub(crate) work: Option<Work<T, E>>,
+    /// Whether a nested follower waits inside that work: it waits for its
+    /// own flight and can never finish, so it is not worth spawning.
+    pub(crate) waits_for_itself: bool,
+}
 
 /// What a departing follower leaves behind, to use once unlocked.
 pub(crate) struct Left<T, E> {
@@ -218,7 +224,11 @@ impl<T, E> Flight<T, E> {
     ) -> Result<WakeOnDrop, Unattended<T, E>> {
         let mut state = self.state.lock();
         if state.heirs() == 0 {
-            return Err(Unattended(work));
+            let waits_for_itself = state.nested > 0;
+            return Err(Unattended {
+                work,
+                waits_for_itself,
+            });
         }
         state.phase = match work {
             Some(work) => Phase::Orphaned(work),
@@ -260,7 +270,10 @@ impl<T, E> Flight<T, E> {
                     Phase::Orphaned(work) => Some(work),
                     _ => None,
                 };
-                left.unattended = Some(Unattended(work));
+                left.unattended = Some(Unattended {
+                    work,
+                    waits_for_itself: state.nested > 0,
+                });
             }
             Phase::Orphaned(_) if kind == WaitKind::Async && state.async_heirs == 0 => {
                 // The blocking heirs were deferring to async ones; there are

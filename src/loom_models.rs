@@ -105,7 +105,7 @@ pub fn the_last_heir_leaving_races_a_hand_off() {
         let heir = heir.join().unwrap();
         let holders = [&driver, &heir]
             .iter()
-            .filter(|held| matches!(held, Some(Unattended(Some(_)))))
+            .filter(|held| matches!(held, Some(Unattended { work: Some(_), .. })))
             .count();
         assert_eq!(holders, 1, "exactly one party holds the work");
     });

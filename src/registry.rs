@@ -54,11 +54,22 @@ struct Map<K, T, E> {
     last_epoch: u64,
 }
 
-/// Work whose callers all went away, to finish on the spawner.
+/// Work whose callers all went away, on its way to the spawner. The task
+/// takes the work out to drive it; if the task is dropped before it ran (an
+/// executor shutting down), the drop gives the flight up: its joiners take
+/// the work over, or the key is freed, and it is not spawned again.
 pub(crate) struct Orphan<K, T, E, S> {
     pub(crate) registry: StdArc<Registry<K, T, E, S>>,
     pub(crate) id: FlightId,
-    pub(crate) work: Work<T, E>,
+    pub(crate) work: Option<Work<T, E>>,
+}
+
+impl<K, T, E, S> Drop for Orphan<K, T, E, S> {
+    fn drop(&mut self) {
+        if let Some(work) = self.work.take() {
+            self.registry.give_up(self.id, Some(work), false);
+        }
+    }
 }
 
 /// What a caller wants when it registers.
@@ -129,7 +140,10 @@ impl<K, T, E, S> Registry<K, T, E, S> {
         let shared = map.flights.get(id).shared.clone();
         let handed = match &shared {
             Some(flight) => flight.hand_off(work),
-            None => Err(Unattended(work)),
+            None => Err(Unattended {
+                work,
+                waits_for_itself: false,
+            }),
         };
         drop(map);
         match handed {
@@ -156,20 +170,18 @@ impl<K, T, E, S> Registry<K, T, E, S> {
 
     /// Takes responsibility for flight `id`, which nobody drives and nobody
     /// can take over: spawn its work, or drop it and release the flight.
-    fn attend(
-        self: &StdArc<Self>,
-        id: FlightId,
-        Unattended(work): Unattended<T, E>,
-        may_spawn: bool,
-    ) {
+    fn attend(self: &StdArc<Self>, id: FlightId, unattended: Unattended<T, E>, may_spawn: bool) {
+        let Unattended {
+            work,
+            waits_for_itself,
+        } = unattended;
         match (work, &self.spawner) {
-            (Some(work), Some(spawner)) if may_spawn => {
-                let orphan = Orphan {
+            (Some(work), Some(spawner)) if may_spawn && !waits_for_itself => {
+                spawner.spawn(Orphan {
                     registry: self.clone(),
                     id,
-                    work,
-                };
-                spawner.spawn(orphan);
+                    work: Some(work),
+                });
             }
             (work, _) => {
                 // First the work's destructor, then the key is free (I5).

@@ -305,3 +305,154 @@ fn drop_panic_of_the_replaced_value_still_publishes_to_followers() {
         assert!(!sf.is_in_flight("k"));
     });
 }
+
+/// Holds a per-key "lease" until its destructor is let go; says when that
+/// destructor started and when it returned.
+struct Lease {
+    entered: Arc<Gate>,
+    release: Arc<Gate>,
+    returned: Arc<AtomicBool>,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.entered.open();
+        self.release.wait_blocking();
+        self.returned.store(true, Ordering::SeqCst);
+    }
+}
+
+/// I1 covers destructors: a cancelled leader's work with no follower left is
+/// dropped *before* its key is free, so the next caller's work cannot start
+/// while the old work's destructor still runs (a lease held there would be
+/// held twice). The next caller waits, then runs its own work.
+#[test]
+fn the_next_work_starts_only_after_the_dropped_work_s_destructor_returned() {
+    with_timeout("destructor_order", || {
+        let sf: Arc<SingleFlight<&str, u32>> = Arc::new(SingleFlight::new());
+        let (entered, release) = (Gate::new(), Gate::new());
+        let returned = Arc::new(AtomicBool::new(false));
+        let lease = Lease {
+            entered: entered.clone(),
+            release: release.clone(),
+            returned: returned.clone(),
+        };
+        let canceller = {
+            let sf = sf.clone();
+            std::thread::spawn(move || {
+                let mut leader = Box::pin(sf.run("k", move || async move {
+                    let _lease = lease;
+                    std::future::pending::<u32>().await
+                }));
+                assert!(poll_once(leader.as_mut()).is_pending());
+                drop(leader); // blocks in the lease's destructor
+            })
+        };
+        entered.wait_blocking();
+        let next = {
+            let (sf, returned) = (sf.clone(), returned.clone());
+            std::thread::spawn(move || {
+                sf.run_blocking("k", move || {
+                    let old_destructor_returned = returned.load(Ordering::SeqCst);
+                    assert!(old_destructor_returned, "started during the old destructor");
+                    2
+                })
+            })
+        };
+        // The next caller found the flight still there and waits on it.
+        until_blocking(|| sf.waiters("k") == 1);
+        release.open();
+        canceller.join().unwrap();
+        let next = next
+            .join()
+            .expect("the next work started after the destructor");
+        assert_eq!((next.value, next.role), (2, Role::Led));
+        assert!(!sf.is_in_flight("k"));
+    });
+}
+
+/// Sets a flag when dropped.
+struct DropFlag(Arc<AtomicBool>);
+
+impl Drop for DropFlag {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Work that calls back into its own key joins its own flight as a nested
+/// follower, which can never take that work over. Cancelled, the work is
+/// dropped (with or without a spawner: it waits for itself, so it is not
+/// spawned) and the key is freed: no orphan is left for later callers to
+/// adopt and wait on, and nothing leaks after `forget` (the work, which holds
+/// the map, is freed: no reference cycle).
+#[test]
+fn work_calling_back_into_its_own_key_is_dropped_when_cancelled() {
+    with_timeout("work_calling_back_into_its_own_key", || {
+        for spawner in [false, true] {
+            let sf: SingleFlight<&str, u32> = if spawner {
+                SingleFlight::new()
+                    .with_spawner(|_| panic!("work that waits for itself is not spawned"))
+            } else {
+                SingleFlight::new()
+            };
+            let sf = Arc::new(sf);
+            let dropped = Arc::new(AtomicBool::new(false));
+            let (inner, flag) = (sf.clone(), DropFlag(dropped.clone()));
+            let mut leader = Box::pin(sf.run("k", move || async move {
+                let _flag = flag;
+                // Waits for its own flight: Go's self-deadlock.
+                inner
+                    .run("k", || async { unreachable!("never leads") })
+                    .await
+                    .value
+            }));
+            assert!(poll_once(leader.as_mut()).is_pending());
+            assert_eq!(sf.waiters("k"), 1, "the nested call joined the flight");
+            drop(leader);
+            assert!(dropped.load(Ordering::SeqCst), "the work was dropped");
+            assert!(!sf.is_in_flight("k"), "no orphan left behind");
+            sf.forget("k");
+            assert_eq!(
+                Arc::strong_count(&sf),
+                1,
+                "the work's handle on the map is freed"
+            );
+            let next = block_on(sf.run("k", || async { 5 }));
+            assert_eq!((next.value, next.role), (5, Role::Led));
+        }
+    });
+}
+
+/// A blocking call made inside a flight's work on that same key would wait
+/// for itself forever: it panics with a clear message instead, the panic
+/// reaches the leader, and the key is free.
+#[test]
+fn a_blocking_call_into_its_own_flight_panics_instead_of_hanging() {
+    with_timeout("a_blocking_call_into_its_own_flight", || {
+        let sf: Arc<SingleFlight<&str, u32>> = Arc::new(SingleFlight::new());
+        let inner = sf.clone();
+        let panicked = catch_unwind(AssertUnwindSafe(|| {
+            sf.run_blocking("k", move || inner.run_blocking("k", || 1).value)
+        }))
+        .expect_err("the nested blocking call panics");
+        let message = panicked
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panicked.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        assert!(message.contains("wait for itself"), "message: {message}");
+        assert!(!sf.is_in_flight("k"));
+        let inner = sf.clone();
+        // The same from async work.
+        let panicked = catch_unwind(AssertUnwindSafe(|| {
+            block_on(sf.run(
+                "k",
+                move || async move { inner.run_blocking("k", || 1).value },
+            ))
+        }));
+        assert!(panicked.is_err());
+        assert!(!sf.is_in_flight("k"));
+        assert_eq!(sf.run_blocking("k", || 3).role, Role::Led);
+    });
+}

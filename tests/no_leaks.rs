@@ -7,23 +7,22 @@ mod common;
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
-use std::sync::atomic::{AtomicIsize, Ordering};
 
 use epochflight::SingleFlight;
 
 struct Counting;
 
-static LIVE_BYTES: AtomicIsize = AtomicIsize::new(0);
-
 thread_local! {
     // Const-initialised and without a destructor: safe to touch from inside
-    // the allocator.
+    // the allocator. Per thread, so that tests running side by side do not
+    // count each other's allocations.
     static MEASURED: Cell<bool> = const { Cell::new(false) };
+    static LIVE_BYTES: Cell<isize> = const { Cell::new(0) };
 }
 
 fn count(delta: isize) {
     if MEASURED.with(Cell::get) {
-        LIVE_BYTES.fetch_add(delta, Ordering::SeqCst);
+        LIVE_BYTES.with(|live| live.set(live.get() + delta));
     }
 }
 
@@ -46,7 +45,7 @@ unsafe impl GlobalAlloc for Counting {
 static GLOBAL: Counting = Counting;
 
 fn live() -> isize {
-    LIVE_BYTES.load(Ordering::SeqCst)
+    LIVE_BYTES.with(Cell::get)
 }
 
 #[test]
@@ -87,5 +86,36 @@ fn hundred_thousand_flights_then_forget_leave_no_memory() {
             "{} bytes leaked over 100,000 flights",
             after - before
         );
+    });
+}
+
+/// Memory returns as keys are forgotten: the table of values shrinks on its
+/// own once it is a quarter full, and `shrink_to_fit` returns the rest.
+#[test]
+fn forgotten_keys_give_their_memory_back() {
+    common::with_timeout("forgotten_keys_give_their_memory_back", || {
+        MEASURED.with(|m| m.set(true));
+        let before = live();
+        let sf: SingleFlight<u64, u64> = SingleFlight::new();
+        for k in 0..200_000 {
+            sf.set(k, k);
+        }
+        let full = live() - before;
+        for k in 0..200_000 {
+            sf.forget(&k);
+        }
+        let forgotten = live() - before;
+        assert!(
+            forgotten < full / 50,
+            "{forgotten} of {full} bytes still held after every key was forgotten"
+        );
+        sf.shrink_to_fit();
+        let shrunk = live() - before;
+        assert!(
+            shrunk <= 4096,
+            "{shrunk} bytes held by an empty, shrunk map"
+        );
+        drop(sf);
+        MEASURED.with(|m| m.set(false));
     });
 }
