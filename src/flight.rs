@@ -40,9 +40,11 @@
 //!
 //! A follower that joins its key's flight from inside that flight's own work
 //! (on the thread polling it) is *nested*: it can never take that work over
-//! (it is part of it), so it is not an heir. A blocking nested join would
-//! wait for itself forever and panics instead; an async one that is awaited
-//! waits forever, as in Go (documented on `SingleFlight`).
+//! (it is part of it), so it is not an heir, and work with a nested follower
+//! is not spawned (it waits for itself): when its driver goes, it is dropped
+//! and the key freed, which also drops the nested follower. A blocking nested
+//! join would wait for itself forever and panics instead; an async one that
+//! is awaited waits forever, as in Go (documented on `SingleFlight`).
 //!
 //! # Locks
 //!
