@@ -32,7 +32,7 @@ enum Progress<T, E> {
     /// User code runs (the closure, a poll of the work) or the result is
     /// being published. Dropped in this state, that code panicked, and the
     /// unwinding already dropped the work.
-    Busy,
+    InUserCode,
     /// Between two polls of the work.
     Paused(Work<T, E>),
     /// The result is published.
@@ -87,7 +87,7 @@ impl<'a, K, T, E, S> Driver<'a, K, T, E, S> {
 
     /// Calls the caller's closure to make the work.
     pub(crate) fn start(&mut self, make: impl FnOnce() -> Work<T, E>) {
-        self.progress = Progress::Busy;
+        self.progress = Progress::InUserCode;
         self.progress = Progress::Paused(make());
     }
 }
@@ -101,7 +101,8 @@ where
     /// Polls the work; once it is done, stores and publishes the result and
     /// returns the caller's copy.
     pub(crate) fn poll_work(&mut self, cx: &mut Context<'_>) -> Poll<Finished<T, E>> {
-        let Progress::Paused(mut work) = mem::replace(&mut self.progress, Progress::Busy) else {
+        let Progress::Paused(mut work) = mem::replace(&mut self.progress, Progress::InUserCode)
+        else {
             panic!("an epochflight call was polled after it completed or panicked");
         };
         let map = self.registry.address();
@@ -120,7 +121,7 @@ where
 
     /// Runs a blocking caller's closure as the work.
     pub(crate) fn run_blocking(mut self, f: impl FnOnce() -> Result<T, E>) -> Finished<T, E> {
-        self.progress = Progress::Busy;
+        self.progress = Progress::InUserCode;
         let map = self.registry.address();
         let result = flight::driving(map, self.id, f);
         self.finish(result)
@@ -132,7 +133,7 @@ where
     }
 
     fn finish(&mut self, result: Result<T, E>) -> Finished<T, E> {
-        // Still `Busy`: if publishing panics (a key whose `Eq` panics), the
+        // Still `InUserCode`: if publishing panics (a key whose `Eq` panics), the
         // drop gives the flight up as after a panic in the work.
         let completed = self.registry.complete(self.id, result);
         self.progress = Progress::Finished;
@@ -149,7 +150,7 @@ impl<K, T, E, S> Drop for Driver<'_, K, T, E, S> {
     fn drop(&mut self) {
         let work = match mem::replace(&mut self.progress, Progress::Finished) {
             Progress::Finished => return,
-            Progress::Unstarted | Progress::Busy => None,
+            Progress::Unstarted | Progress::InUserCode => None,
             Progress::Paused(work) => Some(work),
         };
         self.registry.give_up(self.id, work, !self.on_spawner);
