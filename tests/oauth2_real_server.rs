@@ -20,7 +20,9 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use epochflight::auth::oauth2::{OAuth2Error, OAuth2Token, ReqwestClient, UreqAgent};
+use epochflight::auth::oauth2::{
+    AuthType, OAuth2Error, OAuth2Token, ReqwestClient, Scope, UreqAgent,
+};
 use epochflight::auth::{AuthError, AuthLayer, AuthMiddleware, AuthService, RefreshError};
 use epochflight::auth::{ServiceError, TokenManager};
 use http_body_util::Full;
@@ -119,10 +121,17 @@ fn ureq_agent() -> ureq::Agent {
 
 impl Subject {
     fn new(kind: Kind, tenant: &Tenant) -> Subject {
+        // Between them, the three exercise both ways of client
+        // authentication and a narrower scope on refresh.
         let manager = Arc::new(match kind {
-            Kind::Reqwest | Kind::Tower => tenant.refresher(token_client()).manager(),
+            Kind::Reqwest => tenant.refresher(token_client()).manager(),
+            Kind::Tower => tenant
+                .refresher(token_client())
+                .scopes([Scope::new("read".into())])
+                .manager(),
             Kind::Ureq => tenant
                 .refresher(UreqAgent::new(ureq_agent()))
+                .auth_type(AuthType::RequestBody)
                 .blocking_manager(),
         });
         manager.sign_in(tenant.login());
@@ -308,6 +317,17 @@ fn storm(kind: Kind) {
         "{kind:?}: the token had expired: {c:?}"
     );
     assert_eq!(subject.manager.stats().refresh_calls, 1);
+    let scopes = subject.manager.current().expect("a token").value;
+    let scopes: Vec<&str> = scopes
+        .scopes()
+        .unwrap_or_default()
+        .iter()
+        .map(|s| s.as_str())
+        .collect();
+    match kind {
+        Kind::Tower => assert_eq!(scopes, ["read"], "the narrower scope asked for"),
+        Kind::Reqwest | Kind::Ureq => assert_eq!(scopes, ["read", "write"], "the login's scope"),
+    }
 
     naive_client_trips_reuse_protection(kind);
 }
