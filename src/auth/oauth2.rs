@@ -68,16 +68,15 @@ mod token;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use ::oauth2::basic::BasicClient;
 use ::oauth2::http::StatusCode;
 use ::oauth2::{EndpointNotSet, EndpointSet};
-use parking_lot::Mutex;
 
 use super::{RefreshError, TokenManager};
+use crate::sync::{Mutex, StdArc as Arc};
 
 pub use self::error::{OAuth2Error, OAuth2ErrorKind};
 #[cfg(feature = "reqwest")]

@@ -3,13 +3,13 @@
 
 use std::error::Error;
 use std::fmt;
-use std::sync::Arc;
 
 use ::oauth2::basic::{BasicErrorResponse, BasicErrorResponseType};
 use ::oauth2::http::StatusCode;
 use ::oauth2::{RequestTokenError, StandardErrorResponse};
 
 use crate::auth::RefreshError;
+use crate::sync::StdArc as Arc;
 
 type BoxError = Box<dyn Error + Send + Sync>;
 
