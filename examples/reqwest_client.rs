@@ -1,81 +1,59 @@
-//! `auth::AuthMiddleware` in a `reqwest_middleware` client: `401 → refresh →
-//! retry` for reqwest, against a real HTTP server on loopback.
+//! `auth::AuthMiddleware` in a `reqwest_middleware` client, refreshing with
+//! the OAuth 2 refresher (`auth::oauth2`): `401 → refresh → retry` for
+//! reqwest, against a real HTTP server on loopback.
 //!
 //! The embedded server (tests/support/server.rs) issues access tokens and
 //! *rotating* refresh tokens, and revokes the whole session if a refresh
 //! token is presented twice. The client starts with an expired access token.
-//! Its refresher sends the token request through the same client, marked
-//! with `SkipAuth`.
+//! The refresh token travels inside the token value (`OAuth2Token`), so each
+//! refresh presents exactly the refresh token of the token it replaces; the
+//! token requests go through a plain reqwest client of their own, outside
+//! the middleware.
 //!
-//! Run: `cargo run --example reqwest_client --features reqwest`
+//! Run: `cargo run --example reqwest_client --features reqwest,oauth2`
 
 #[path = "../tests/support/server.rs"]
 mod server;
 
 use std::convert::Infallible;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::Arc;
 
 use bytes::Bytes;
-use epochflight::auth::{AuthMiddleware, NotReplayed, RefreshError, SkipAuth, TokenManager};
+use epochflight::auth::oauth2::{
+    AccessToken, ClientId, OAuth2Refresher, OAuth2Token, RefreshToken, ReqwestClient, TokenUrl,
+};
+use epochflight::auth::{AuthMiddleware, NotReplayed};
 use http_body_util::StreamBody;
 use hyper::body::Frame;
-use reqwest_middleware::{ClientBuilder, ClientWithMiddleware};
+use reqwest_middleware::ClientBuilder;
 use server::{ServerConfig, TestServer};
-
-/// `POST /token` with the current refresh token, through the middleware
-/// client: `SkipAuth` lets it pass untouched (without it, it would wait for
-/// the refresh it is part of). Keeps the rotated refresh token.
-async fn refresh(
-    client: ClientWithMiddleware,
-    url: String,
-    refresh_token: Arc<Mutex<String>>,
-) -> Result<String, RefreshError<String>> {
-    let form = format!(
-        "grant_type=refresh_token&refresh_token={}",
-        refresh_token.lock().unwrap()
-    );
-    let transient = |e: reqwest_middleware::Error| RefreshError::Transient(e.to_string());
-    let response = client
-        .post(url)
-        .header("content-type", "application/x-www-form-urlencoded")
-        .body(form)
-        .with_extension(SkipAuth)
-        .send()
-        .await
-        .map_err(transient)?;
-    let status = response.status();
-    let text = response.text().await.map_err(|e| transient(e.into()))?;
-    match status.as_u16() {
-        200 => {
-            *refresh_token.lock().unwrap() = json_field(&text, "refresh_token");
-            Ok(json_field(&text, "access_token"))
-        }
-        400..=499 => Err(RefreshError::Rejected(text)), // invalid_grant: sign in again
-        _ => Err(RefreshError::Transient(text)),
-    }
-}
 
 #[tokio::main]
 async fn main() {
     let server = TestServer::start(ServerConfig::default());
-    let (access, refresh_token) = server.initial_tokens();
+    let (access, refresh) = server.initial_tokens();
     server.expire_access_tokens();
 
-    // The refresher needs the client, which needs the manager: a slot ties them.
-    let slot: Arc<OnceLock<ClientWithMiddleware>> = Arc::new(OnceLock::new());
-    let refresh_token = Arc::new(Mutex::new(refresh_token));
-    let (from_refresher, token_url) = (slot.clone(), server.url("/token"));
-    let manager = Arc::new(TokenManager::with_token(
-        move |_stale: Option<String>| {
-            let client = from_refresher.get().expect("client built").clone();
-            refresh(client, token_url.clone(), refresh_token.clone())
-        },
-        access,
-    ));
+    // The refresher: the refresh-token grant, over its own reqwest client.
+    let token_client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("reqwest client");
+    let manager = Arc::new(
+        OAuth2Refresher::new(
+            ReqwestClient::new(token_client),
+            ClientId::new("example".into()),
+            TokenUrl::new(server.url("/token")).expect("token URL"),
+        )
+        .manager(),
+    );
+    // The tokens of a login, whose access token has since expired.
+    manager.sign_in(
+        OAuth2Token::new(AccessToken::new(access)).with_refresh_token(RefreshToken::new(refresh)),
+    );
     let client = ClientBuilder::new(reqwest::Client::new())
         .with(AuthMiddleware::new(manager.clone()))
         .build();
-    let _ = slot.set(client.clone());
 
     // 1. A burst of requests with the expired token.
     const N: usize = 50;
@@ -144,12 +122,4 @@ async fn main() {
     );
     assert_eq!(ok, N);
     assert_eq!(server.reuse_detections(), 0);
-}
-
-/// The string value of `"field":"..."` in a flat JSON object.
-fn json_field(json: &str, field: &str) -> String {
-    let key = format!("\"{field}\":\"");
-    let start = json.find(&key).map_or(json.len(), |i| i + key.len());
-    let end = json[start..].find('"').map_or(json.len(), |i| start + i);
-    json[start..end].to_string()
 }

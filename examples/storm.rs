@@ -1,17 +1,20 @@
 //! A 401 storm, three ways, against a real HTTP server on loopback.
 //!
-//! The embedded server issues access tokens and *rotating* refresh tokens
-//! with reuse detection: presenting a refresh token that was already used
-//! revokes the whole session (OAuth 2.1, RFC 9700 §4.14). Its 401s come back
-//! late (held for a while), as they do behind a slow proxy, so some requests
-//! sent with the old token are rejected after the first refresh finished.
+//! The embedded server behaves as real authorization servers do: it issues
+//! access tokens and *rotating* refresh tokens with reuse detection
+//! (presenting a refresh token that was already used revokes the whole
+//! session, OAuth 2.1, RFC 9700 §4.14), and a refresh ends the access tokens
+//! issued before it. Requests take a while to reach the API and their 401s a
+//! while to come back (network latency), so some requests sent with the old
+//! token are rejected after the first refresh finished: late 401s.
 //!
 //! Each client sends the same storm of requests with an expired token:
 //!
 //! - **naive retry**: on 401, refresh and retry. Every 401 refreshes.
 //! - **isRefreshing flag**: concurrent 401s share one refresh (the usual
 //!   fix: a flag and a queue, or RxJS `shareReplay`), but a late 401, arriving
-//!   after the refresh finished, starts another.
+//!   after the refresh finished, starts another. That refresh ends the access
+//!   token the other requests were just retried with: their retries fail.
 //! - **epochflight**: `TokenManager::send` refreshes only if the token the
 //!   request used is still current; late 401s get the newer token.
 //!
@@ -34,6 +37,8 @@ const REQUESTS: usize = 200;
 /// came back and some only after the first refresh finished.
 const SPREAD: Duration = Duration::from_millis(120);
 const REFRESH_LATENCY: Duration = Duration::from_millis(30);
+/// How long a request takes to reach the API, and a 401 to come back.
+const UPLINK: Duration = Duration::from_millis(50);
 const LATE_401: Duration = Duration::from_millis(40);
 
 #[derive(Clone, Debug)]
@@ -82,7 +87,9 @@ async fn refresh_call(
     }
 }
 
+/// `GET url` with `access`, after the network latency to the API.
 async fn get(http: &reqwest::Client, url: &str, access: &str) -> Response {
+    tokio::time::sleep(UPLINK).await;
     match http.get(url).bearer_auth(access).send().await {
         Ok(r) => Response {
             status: r.status().as_u16(),
@@ -164,6 +171,8 @@ struct Row {
     client: &'static str,
     ok: usize,
     failed: usize,
+    /// 401s the server answered (each made the client refresh or wait).
+    unauthorized: u64,
     refresh_calls: u64,
     reuse_detected: u64,
     elapsed: Duration,
@@ -174,6 +183,8 @@ fn expired_server() -> (TestServer, Tokens) {
     let server = TestServer::start(ServerConfig {
         refresh_latency: REFRESH_LATENCY,
         unauthorized_delay: LATE_401,
+        // Real servers end the old access token when they rotate.
+        revoke_old_access_on_refresh: true,
         ..ServerConfig::default()
     });
     let (access, refresh) = server.initial_tokens();
@@ -280,6 +291,7 @@ fn row(
         client,
         ok,
         failed,
+        unauthorized: server.resource_unauthorized(),
         refresh_calls: server.refresh_calls(),
         reuse_detected: server.reuse_detections(),
         elapsed,
@@ -290,9 +302,10 @@ fn row(
 async fn main() {
     let http = reqwest::Client::new();
     println!(
-        "{REQUESTS} requests with an expired token, sent over {SPREAD:?}; \
-         refresh takes {REFRESH_LATENCY:?}; 401s arrive {LATE_401:?} late.\n\
-         The server rotates refresh tokens and revokes the session on reuse.\n"
+        "{REQUESTS} requests with an expired token, sent over {SPREAD:?}; a request takes \
+         {UPLINK:?} to reach the API, a 401 {LATE_401:?} more to come back; a refresh takes \
+         {REFRESH_LATENCY:?}.\nThe server rotates refresh tokens, revokes the session on \
+         reuse, and ends the old access tokens at each refresh.\n"
     );
     let rows = [
         run_naive(&http).await,
@@ -300,25 +313,38 @@ async fn main() {
         run_epochflight(&http).await,
     ];
     println!(
-        "{:<18} {:>8} {:>6} {:>7} {:>14} {:>15} {:>9}",
-        "client", "requests", "ok", "failed", "refresh calls", "reuse detected", "time"
+        "{:<18} {:>8} {:>6} {:>7} {:>6} {:>14} {:>15} {:>9}",
+        "client", "requests", "ok", "failed", "401s", "refresh calls", "reuse detected", "time"
     );
     for r in &rows {
         println!(
-            "{:<18} {:>8} {:>6} {:>7} {:>14} {:>15} {:>7}ms",
+            "{:<18} {:>8} {:>6} {:>7} {:>6} {:>14} {:>15} {:>7}ms",
             r.client,
             REQUESTS,
             r.ok,
             r.failed,
+            r.unauthorized,
             r.refresh_calls,
             r.reuse_detected,
             r.elapsed.as_millis()
         );
     }
-    let ours = &rows[2];
+    let (naive, flag, ours) = (&rows[0], &rows[1], &rows[2]);
     println!(
-        "\nepochflight: {} refresh for {} 401s, {} reuse detections, {} failures.",
-        ours.refresh_calls, REQUESTS, ours.reuse_detected, ours.failed
+        "\nnaive retry: every 401 refreshed; the second refresh presented a used refresh \
+         token and the server revoked the session: {} failed.",
+        naive.failed
+    );
+    println!(
+        "isRefreshing flag: late 401s started {} more refresh(es) after the first; each ended \
+         the access token that requests had just been retried with: {} failed.",
+        flag.refresh_calls.saturating_sub(1),
+        flag.failed
+    );
+    println!(
+        "epochflight: {} refresh for {} 401s (late ones took the new token), {} reuse \
+         detections, {} failures.",
+        ours.refresh_calls, ours.unauthorized, ours.reuse_detected, ours.failed
     );
     assert_eq!(
         (ours.refresh_calls, ours.reuse_detected, ours.failed),

@@ -53,6 +53,8 @@ mod integration;
 mod layer;
 #[cfg(feature = "reqwest")]
 mod middleware;
+#[cfg(feature = "oauth2")]
+pub mod oauth2;
 
 pub use error::{AuthError, RefreshError};
 pub use manager::{AuthStats, DEFAULT_COOLDOWN, RefreshEvent, TokenManager};
