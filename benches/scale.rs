@@ -18,7 +18,9 @@
 //!   (a valid token, each thread awaiting its calls in its own `block_on`) on
 //!   two threads pinned to separate cores, in rounds alternating with one
 //!   thread alone: throughput(2) / throughput(1), by wall time. A bare
-//!   `Mutex<HashMap>` get and a `RwLock<HashMap>` get for reference.
+//!   `Mutex<HashMap>` get and a `RwLock<HashMap>` get for reference, and a
+//!   harness whose threads share nothing (the machine's ceiling, 2.0 on two
+//!   free cores).
 //!
 //! Memory per stored key and after `forget` is in `benches/alloc.rs`, which
 //! counts allocations. `cargo bench --bench scale -- FILTER` runs the figures
@@ -368,6 +370,10 @@ fn calibrate(op: &(dyn Fn(u32) + Sync)) -> u32 {
 /// Prints and saves throughput(2) / throughput(1) of `op` (which makes
 /// `calls` calls on the calling thread), over alternating pairs of rounds:
 /// both pinned threads, and one alone (each core in turn).
+///
+/// By wall time: a reader parked on a lock is waiting, not done (each
+/// thread's CPU time would leave that wait out). On a loaded machine a
+/// round also waits for its cores: `readers/harness` shows how much.
 fn scaling(id: &str, what: &str, op: &(dyn Fn(u32) + Sync)) {
     if !paired::selected(id) {
         return;
@@ -464,6 +470,19 @@ fn readers() {
         "only the valid-token path ran"
     );
 
+    // The ceiling: each thread reads its own map, no lock, nothing shared.
+    // Two such threads make twice the calls of one on two free cores; less
+    // means the machine lent the round less than two cores.
+    scaling(
+        "readers/harness",
+        "unshared `HashMap` get, one map per thread (the machine's ceiling)",
+        &|calls| {
+            let map = HashMap::from([(KEY, (1_u64, 1_u64))]);
+            for _ in 0..calls {
+                black_box(map.get(black_box(&KEY)).copied());
+            }
+        },
+    );
     let map = Stored::default();
     map.lock().insert(KEY, (1, 1));
     scaling(

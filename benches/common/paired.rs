@@ -143,10 +143,10 @@ where
 /// Runs `pairs` alternating pairs of `ours` and `base`, each a timed chunk,
 /// in both orders so that neither always runs warm; returns each pair's
 /// `(ours, base)`.
-pub fn alternate<A, B>(pairs: usize, mut ours: A, mut base: B) -> Vec<(Duration, Duration)>
+pub fn alternate<T, A, B>(pairs: usize, mut ours: A, mut base: B) -> Vec<(T, T)>
 where
-    A: FnMut() -> Duration,
-    B: FnMut() -> Duration,
+    A: FnMut() -> T,
+    B: FnMut() -> T,
 {
     (0..pairs)
         .map(|i| {
