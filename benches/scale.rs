@@ -3,13 +3,13 @@
 //! `common::paired`), printed and saved for `.ci/bench-table`.
 //!
 //! - `scrambled`: 1, 1,000 or 100,000 keys stored (in key order), then
-//!   called in a fixed scrambled order (no two neighbours related, so neither
-//!   the prefetcher nor a "last key" hint helps). `run`, a new value each call, beside a
-//!   bare `Mutex<HashMap<u64, (u64, u64)>>` (value, epoch) that reads the
-//!   key's epoch and stores the new value and epoch + 1 in two lock round
-//!   trips, as a single flight must (its work runs between them); `current`
-//!   beside a bare `get` that copies the value and epoch out. CPU time of the
-//!   bench thread per call.
+//!   called in a fixed scrambled order (no two neighbours related, so
+//!   neither the prefetcher nor a "last key" hint helps). `run`, a new value
+//!   each call, beside a bare `Mutex<HashMap<u64, (u64, u64)>>` (value,
+//!   epoch) that reads the key's epoch and stores the new value and epoch + 1
+//!   in two lock round trips, as a single flight must (its work runs between
+//!   them); `current` beside a bare `get` that copies the value and epoch
+//!   out. CPU time of the bench thread per call.
 //! - `capturing`: uncontended `run` on one key whose closure captures a
 //!   variable, `move || async move { i }`, as real code does, beside the bare
 //!   insert+remove of `benches/singleflight.rs`; and the zero-sized
