@@ -7,8 +7,15 @@
 //! out (their size is the "future" column). Each scenario runs once to warm
 //! up (map capacity) and is then measured on a second run.
 //!
-//! `cargo bench --bench alloc` prints the tables; with `--test` it runs a
-//! tiny size as a smoke test.
+//! Memory (issue 12): bytes held per stored idle key, beside a bare
+//! `Mutex<HashMap<u64, (u64, u64)>>` holding the same value and epoch; and
+//! the bytes held before and after storing, then `forget`-ing, a million
+//! keys. Held bytes are those allocated and not yet freed, counted by the
+//! same allocator.
+//!
+//! `cargo bench --bench alloc` prints the tables (`-- followers` or
+//! `-- memory` only one of them); with `--test` it runs a tiny size as a
+//! smoke test.
 
 mod common;
 
@@ -17,11 +24,14 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll, Waker};
 
+use epochflight::SingleFlight;
 use parking_lot::Mutex;
 
+use common::paired::{filter, test_mode};
+use common::record::record;
 use common::{AsyncSingleflight, Epochflight, Flights, SingleflightAsync, yield_once};
 
 const KEY: u64 = 7;
@@ -30,30 +40,35 @@ struct Counting;
 
 static ALLOCS: AtomicU64 = AtomicU64::new(0);
 static BYTES: AtomicU64 = AtomicU64::new(0);
+/// Bytes allocated and not yet freed.
+static HELD: AtomicI64 = AtomicI64::new(0);
 
-fn record(bytes: usize) {
+fn count(bytes: usize) {
     ALLOCS.fetch_add(1, Ordering::Relaxed);
     BYTES.fetch_add(bytes as u64, Ordering::Relaxed);
+    HELD.fetch_add(bytes as i64, Ordering::Relaxed);
 }
 
 // SAFETY: every call is forwarded unchanged to `System`.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        record(layout.size());
+        count(layout.size());
         unsafe { System.alloc(layout) }
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        record(layout.size());
+        count(layout.size());
         unsafe { System.alloc_zeroed(layout) }
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        record(new_size);
+        count(new_size);
+        HELD.fetch_sub(layout.size() as i64, Ordering::Relaxed);
         unsafe { System.realloc(ptr, layout, new_size) }
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        HELD.fetch_sub(layout.size() as i64, Ordering::Relaxed);
         unsafe { System.dealloc(ptr, layout) }
     }
 }
@@ -202,7 +217,8 @@ fn uncontended_bare(map: &Mutex<HashMap<u64, ()>>, m: usize) -> Count {
     total
 }
 
-fn row<V: Flights>(n: usize, m: usize) {
+/// Prints one variant's row; returns its total bytes per follower.
+fn row<V: Flights>(n: usize, m: usize) -> f64 {
     let flights = V::new();
     fanout_once(&flights, n);
     let f = fanout_once(&flights, n);
@@ -228,10 +244,29 @@ fn row<V: Flights>(n: usize, m: usize) {
         flight_b,
         flight_a,
     );
+    all_b
+}
+
+/// Whether the table `name` runs: always without a filter; with one, if
+/// `name` contains it.
+fn selected(name: &str) -> bool {
+    filter().is_none_or(|f| name.contains(&f))
 }
 
 fn main() {
-    let test = std::env::args().any(|arg| arg == "--test");
+    let test = test_mode();
+    if selected("alloc/followers") {
+        followers(test);
+    }
+    if selected("memory/stored_idle_key memory/forget") {
+        memory(test);
+    }
+    if test {
+        println!("alloc: ok");
+    }
+}
+
+fn followers(test: bool) {
     let (n, m) = if test { (10, 10) } else { (1000, 10_000) };
     println!(
         "alloc: {n} followers on one key (per follower), and {m} uncontended flights (per flight)"
@@ -254,7 +289,8 @@ fn main() {
         "bytes",
         "allocs"
     );
-    row::<Epochflight>(n, m);
+    let per_follower = row::<Epochflight>(n, m);
+    record("alloc/followers", &[("epochflight_bytes", per_follower)]);
     row::<AsyncSingleflight>(n, m);
     row::<SingleflightAsync>(n, m);
     let map = Mutex::new(HashMap::new());
@@ -270,7 +306,122 @@ fn main() {
          per follower; leader: the leader's call and first poll; future: size of one caller's \
          future (it lives in the caller's task); uncontended: one call, one ready poll."
     );
-    if test {
-        println!("alloc: ok");
+}
+
+// ---------------------------------------------------------------------------
+// memory: bytes held by stored keys.
+
+/// Bytes held (allocated and not yet freed) now.
+fn held_now() -> i64 {
+    HELD.load(Ordering::Relaxed)
+}
+
+/// What a single flight keeps per key at least: the value and its epoch.
+type Stored = Mutex<HashMap<u64, (u64, u64)>>;
+
+/// Bytes held by what `store` builds and keeps, per key of `n`.
+fn held_per_key<M>(n: usize, store: impl FnOnce() -> M) -> f64 {
+    let before = held_now();
+    let kept = store();
+    let bytes = held_now() - before;
+    drop(kept);
+    bytes as f64 / n as f64
+}
+
+/// `n` keys stored with `set`.
+fn stored_by_set(n: u64) -> SingleFlight<u64, u64> {
+    let flights = SingleFlight::new();
+    for key in 0..n {
+        flights.set(key, key);
     }
+    flights
+}
+
+/// `n` keys stored by an uncontended `run` each, polled by hand.
+fn stored_by_run(n: u64) -> SingleFlight<u64, u64> {
+    let flights = SingleFlight::new();
+    let mut cx = Context::from_waker(Waker::noop());
+    for key in 0..n {
+        let call = pin!(flights.run(key, move || async move { key }));
+        assert!(call.poll(&mut cx).is_ready(), "the work is ready at once");
+    }
+    flights
+}
+
+fn stored_bare(n: u64) -> Stored {
+    let map = Stored::default();
+    for key in 0..n {
+        map.lock().insert(key, (key, 1));
+    }
+    map
+}
+
+fn mib(bytes: i64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+fn memory(test: bool) {
+    let n = if test { 1000 } else { 100_000 };
+    let by_set = held_per_key(n, || stored_by_set(n as u64));
+    let by_run = held_per_key(n, || stored_by_run(n as u64));
+    let bare = held_per_key(n, || stored_bare(n as u64));
+    println!(
+        "memory/stored_idle_key: bytes held per stored idle key, {n} keys (u64 keys and values): \
+         epochflight {by_set:.1} stored by `set` ({:.2}x bare), {by_run:.1} by `run` ({:.2}x bare); \
+         bare Mutex<HashMap<u64, (u64, u64)>> {bare:.1}",
+        by_set / bare,
+        by_run / bare,
+    );
+    record(
+        "memory/stored_idle_key",
+        &[
+            ("set_bytes", by_set),
+            ("run_bytes", by_run),
+            ("bare_bytes", bare),
+            ("set_ratio", by_set / bare),
+            ("run_ratio", by_run / bare),
+        ],
+    );
+
+    let n: u64 = if test { 10_000 } else { 1_000_000 };
+    let before = held_now();
+    let flights = stored_by_set(n);
+    let stored = held_now() - before;
+    for key in 0..n {
+        flights.forget(&key);
+    }
+    assert!(flights.is_empty(), "every key forgotten");
+    let after = held_now() - before;
+    drop(flights);
+
+    let before = held_now();
+    let map = stored_bare(n);
+    let bare_stored = held_now() - before;
+    for key in 0..n {
+        map.lock().remove(&key);
+    }
+    let bare_after = held_now() - before;
+    map.lock().shrink_to_fit();
+    let bare_shrunk = held_now() - before;
+    drop(map);
+    println!(
+        "memory/forget: bytes held, {n} keys stored by `set`, then each `forget`-ed: \
+         epochflight {:.1} MiB stored, {:.1} MiB after forget; bare map {:.1} MiB stored, \
+         {:.1} MiB after remove, {:.1} MiB after shrink_to_fit",
+        mib(stored),
+        mib(after),
+        mib(bare_stored),
+        mib(bare_after),
+        mib(bare_shrunk),
+    );
+    record(
+        &format!("memory/forget_{n}"),
+        &[
+            ("stored_bytes", stored as f64),
+            ("after_forget_bytes", after as f64),
+            ("bare_stored_bytes", bare_stored as f64),
+            ("bare_after_remove_bytes", bare_after as f64),
+            ("bare_after_shrink_bytes", bare_shrunk as f64),
+        ],
+    );
 }

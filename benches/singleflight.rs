@@ -33,6 +33,8 @@ use parking_lot::Mutex;
 use tokio::runtime::Runtime;
 use tokio::sync::Notify;
 
+use common::paired::{self, Clock};
+use common::record::record;
 use common::{AsyncSingleflight, Epochflight, Flights, SingleflightAsync, yield_once};
 use epochflight::{Role, SingleFlight};
 
@@ -843,108 +845,14 @@ fn blocking(c: &mut Criterion) {
 }
 
 // ---------------------------------------------------------------------------
-// Paired ratios. Criterion times rows one after another, so a noisy phase of
-// a shared machine can land on one row and not on its baseline (here a row
-// moves by a third between runs while its neighbour does not). These
-// alternate short chunks of epochflight and the bare row, in both orders,
-// and print the median of the per-pair ratios, which such a phase moves on
-// both sides alike. Printed, like the executions per burst; run alone with
+// Paired ratios (see `common::paired`): alternating short chunks of
+// epochflight and the bare row, in both orders, and the median of the
+// per-pair ratios, which a noisy phase of a shared machine moves on both
+// sides alike. Wall time, as in the README's history. Printed, like the
+// executions per burst, and saved for `.ci/bench-table`; run alone with
 // `cargo bench --bench singleflight -- paired`.
 
-/// Criterion's positional filter, if one was given.
-fn filter() -> Option<String> {
-    const TAKES_VALUE: &[&str] = &[
-        "--save-baseline",
-        "--baseline",
-        "--baseline-lenient",
-        "--load-baseline",
-        "--measurement-time",
-        "--warm-up-time",
-        "--sample-size",
-        "--profile-time",
-        "--output-format",
-        "--color",
-        "--plotting-backend",
-        "--noise-threshold",
-        "--significance-level",
-        "--confidence-level",
-        "--nresamples",
-    ];
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        if TAKES_VALUE.contains(&arg.as_str()) {
-            args.next();
-        } else if !arg.starts_with('-') {
-            return Some(arg);
-        }
-    }
-    None
-}
-
-/// Times `chunk` awaits of `op` in one `block_on`.
-fn time_chunk<F, Fut>(rt: &Runtime, chunk: u32, op: &mut F) -> Duration
-where
-    F: FnMut() -> Fut,
-    Fut: Future,
-{
-    rt.block_on(async {
-        let start = Instant::now();
-        for _ in 0..chunk {
-            black_box(op().await);
-        }
-        start.elapsed()
-    })
-}
-
-/// Times `ours` and `base` (`chunk` awaits each) in `pairs` alternating
-/// pairs, in both orders so that neither always runs warm, and returns
-/// `compare(ours, base)` for every pair, sorted; nothing if criterion's
-/// filter excludes `id`. In `--test` mode, two short pairs.
-fn pairs_of<A, FutA, B, FutB>(
-    id: &str,
-    rt: &Runtime,
-    (pairs, chunk): (usize, u32),
-    mut ours: A,
-    mut base: B,
-    compare: impl Fn(Duration, Duration) -> f64,
-) -> Option<Vec<f64>>
-where
-    A: FnMut() -> FutA,
-    FutA: Future,
-    B: FnMut() -> FutB,
-    FutB: Future,
-{
-    if filter().is_some_and(|f| !id.contains(&f) && !f.contains("paired")) {
-        return None;
-    }
-    let (pairs, chunk) = if std::env::args().any(|a| a == "--test") {
-        (2, chunk.min(10))
-    } else {
-        (pairs, chunk)
-    };
-    let mut values: Vec<f64> = (0..pairs)
-        .map(|i| {
-            let (a, b) = if i % 2 == 0 {
-                let a = time_chunk(rt, chunk, &mut ours);
-                (a, time_chunk(rt, chunk, &mut base))
-            } else {
-                let b = time_chunk(rt, chunk, &mut base);
-                (time_chunk(rt, chunk, &mut ours), b)
-            };
-            compare(a, b)
-        })
-        .collect();
-    values.sort_by(f64::total_cmp);
-    Some(values)
-}
-
-/// The median and quartiles of sorted values.
-fn quartiles(sorted: &[f64]) -> (f64, f64, f64) {
-    let at = |q: f64| sorted[((sorted.len() - 1) as f64 * q) as usize];
-    (at(0.5), at(0.25), at(0.75))
-}
-
-fn paired_ratio<A, FutA, B, FutB>(name: &str, rt: &Runtime, ours: A, bare: B)
+fn paired_ratio<A, FutA, B, FutB>(name: &str, rt: &Runtime, mut ours: A, mut bare: B)
 where
     A: FnMut() -> FutA,
     FutA: Future,
@@ -952,16 +860,32 @@ where
     FutB: Future,
 {
     let id = format!("paired/{name}");
-    let (pairs, chunk) = (2_000, 2_000);
-    let ratio = |a: Duration, b: Duration| a.as_secs_f64() / b.as_secs_f64();
-    let Some(ratios) = pairs_of(&id, rt, (pairs, chunk), ours, bare, ratio) else {
+    if !paired::selected(&id) {
         return;
-    };
-    let (median, low, high) = quartiles(&ratios);
+    }
+    let (pairs, chunk) = paired::sized((2_000, 2_000));
+    let wall = Clock::Wall;
+    let timed = paired::alternate(
+        pairs,
+        || paired::time_awaits(rt, wall, chunk, &mut ours),
+        || paired::time_awaits(rt, wall, chunk, &mut bare),
+    );
+    let (median, low, high) = paired::quartiles(&paired::ratios(&timed));
     println!(
         "{id}: epochflight / bare_lock_map, median of {} alternating pairs of chunks of calls: \
          {median:.2} (quartiles {low:.2}-{high:.2})",
-        ratios.len()
+        timed.len()
+    );
+    let (ours_ns, bare_ns) = paired::per_call(&timed, chunk);
+    record(
+        &id,
+        &[
+            ("median", median),
+            ("low", low),
+            ("high", high),
+            ("ours_ns", ours_ns),
+            ("base_ns", bare_ns),
+        ],
     );
 }
 
@@ -973,7 +897,7 @@ fn paired_per_waiter<A, FutA, B, FutB>(
     what: &str,
     rt: &Runtime,
     n: usize,
-    (ours, base): (A, B),
+    (mut ours, mut base): (A, B),
 ) where
     A: FnMut() -> FutA,
     FutA: Future,
@@ -981,17 +905,26 @@ fn paired_per_waiter<A, FutA, B, FutB>(
     FutB: Future,
 {
     let id = format!("paired/{name}");
+    if !paired::selected(&id) {
+        return;
+    }
+    let (pairs, chunk) = paired::sized((400, 1));
+    let wall = Clock::Wall;
+    let timed = paired::alternate(
+        pairs,
+        || paired::time_awaits(rt, wall, chunk, &mut ours),
+        || paired::time_awaits(rt, wall, chunk, &mut base),
+    );
     let per_waiter =
         |a: Duration, b: Duration| (a.as_secs_f64() - b.as_secs_f64()) * 1e9 / n as f64;
-    let Some(values) = pairs_of(&id, rt, (400, 1), ours, base, per_waiter) else {
-        return;
-    };
-    let (median, low, high) = quartiles(&values);
+    let values = paired::compared(&timed, per_waiter);
+    let (median, low, high) = paired::quartiles(&values);
     println!(
         "{id}: {what}, ns per waiter, median of {} alternating pairs \
          of batches: {median:.1} (quartiles {low:.1}-{high:.1})",
         values.len()
     );
+    record(&id, &[("median", median), ("low", low), ("high", high)]);
 }
 
 fn paired(_: &mut Criterion) {
@@ -1010,6 +943,12 @@ fn paired(_: &mut Criterion) {
     );
     let stale = flights.set(KEY, 1);
     flights.set(KEY, 2);
+    // The pair times the stale path only if it is one: the stored value
+    // reused at once, the work (which would store 0) not run.
+    let check = flights
+        .refresh_if_current(KEY, stale, || async { 0 })
+        .now_or_never();
+    assert_eq!(check.map(|o| (o.role, o.value)), Some((Role::Reused, 2)));
     paired_ratio(
         "reused_refresh_stale",
         &rt,

@@ -6,6 +6,16 @@
 //! - `async_singleflight` 0.6: `UnaryGroup::work` (the infallible group);
 //!   registers on its first poll (it takes a `tokio::sync::Mutex`).
 //! - `singleflight-async` 0.2: `SingleFlight::work`; registers when called.
+//!
+//! Beside them: [`paired`], the paired figures (alternating chunks, median of
+//! the per-pair ratios), and [`record`], which saves the figures a bench
+//! prints for `.ci/bench-table`.
+
+// Each bench target uses a part of these helpers.
+#![allow(dead_code)]
+
+pub mod paired;
+pub mod record;
 
 use std::future::{Future, poll_fn};
 use std::task::Poll;
