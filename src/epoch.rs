@@ -71,6 +71,32 @@ impl Stamp {
     }
 }
 
+/// A value as the map stores it, with the stamp of its epoch: for a small
+/// `T`, `Option<Stamped<T>>` is no bigger than `Stamped<T>`.
+#[derive(Clone, Debug)]
+pub(crate) struct Stamped<T> {
+    pub(crate) value: T,
+    pub(crate) stamp: Stamp,
+}
+
+impl<T: Clone> Stamped<T> {
+    pub(crate) fn versioned(&self) -> Versioned<T> {
+        Versioned {
+            value: self.value.clone(),
+            epoch: self.stamp.into(),
+        }
+    }
+}
+
+impl<T> From<Stamped<T>> for Versioned<T> {
+    fn from(stamped: Stamped<T>) -> Self {
+        Versioned {
+            value: stamped.value,
+            epoch: stamped.stamp.into(),
+        }
+    }
+}
+
 impl From<Stamp> for Epoch {
     fn from(stamp: Stamp) -> Self {
         Epoch(stamp.0.get())

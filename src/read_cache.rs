@@ -26,7 +26,7 @@
 
 use std::borrow::Borrow;
 
-use crate::epoch::Versioned;
+use crate::epoch::Stamped;
 use crate::hashed::Hashed;
 use crate::sync::{AtomicU64, Mutex, Ordering, read_slots, reader_number};
 
@@ -41,17 +41,17 @@ pub(crate) struct ReadCache<K, T> {
 struct Padded<X>(X);
 
 struct Slot<K, T> {
-    entry: Option<Entry<K, T>>,
+    entry: Option<Cached<K, T>>,
     /// The hash of this thread's last miss: a second miss in a row fills.
-    last_miss: u64,
+    last_miss: u32,
 }
 
 /// What the map said about a key.
-pub(crate) struct Entry<K, T> {
+pub(crate) struct Cached<K, T> {
     version: u64,
     key: Hashed<K>,
     /// Its stored value.
-    pub(crate) value: Option<Versioned<T>>,
+    pub(crate) value: Option<Stamped<T>>,
     /// Whether it has a flight in progress.
     pub(crate) in_flight: bool,
 }
@@ -59,7 +59,7 @@ pub(crate) struct Entry<K, T> {
 /// A read the slot could not answer.
 pub(crate) struct Miss {
     /// The key's hash.
-    pub(crate) hash: u64,
+    pub(crate) hash: u32,
     /// Whether to fill the slot with the map's answer.
     pub(crate) fill: bool,
 }
@@ -91,8 +91,8 @@ impl<K, T> ReadCache<K, T> {
     pub(crate) fn read<Q, R>(
         &self,
         key: &Q,
-        hash: impl FnOnce() -> u64,
-        answer: impl FnOnce(&Entry<K, T>) -> R,
+        hash: impl FnOnce() -> u32,
+        answer: impl FnOnce(&Cached<K, T>) -> R,
     ) -> Result<R, Miss>
     where
         K: Borrow<Q>,
@@ -118,10 +118,10 @@ impl<K, T> ReadCache<K, T> {
         &self,
         version: u64,
         key: Hashed<K>,
-        value: Option<Versioned<T>>,
+        value: Option<Stamped<T>>,
         in_flight: bool,
     ) {
-        let entry = Entry {
+        let entry = Cached {
             version,
             key,
             value,
@@ -133,7 +133,7 @@ impl<K, T> ReadCache<K, T> {
 
     /// Empties the slots that hold a key with `hash` (after `forget`: a
     /// forgotten value, a token say, is not kept in a reader's slot).
-    pub(crate) fn forget(&self, hash: u64) {
+    pub(crate) fn forget(&self, hash: u32) {
         for slot in self.slots.allocated() {
             let mut slot = slot.0.lock();
             let holds = slot.entry.as_ref().is_some_and(|e| e.key.hash == hash);

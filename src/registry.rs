@@ -5,38 +5,40 @@
 //! flight: [`enter`](Registry::enter) and [`complete`](Registry::complete))
 //! plus, where followers are involved, their flight's lock (order: map, then
 //! flight; see `flight.rs` for the life of a flight). The user's hasher runs
-//! before the lock is taken; under it run only `K`'s `Eq`, `Clone` and
-//! `Drop` and `T::clone`/`E::clone` where documented, and every probe that
-//! may run `K::eq` comes before the first change, so a key whose `Eq` panics
-//! leaves the map as it was.
+//! before the lock is taken. Under it run only `K`'s `Eq`, `Clone` and
+//! `Drop` and `T::clone`/`E::clone`, where documented; every probe that may
+//! run `K::eq` comes before the first change, so a key whose `Eq` panics
+//! leaves the map as it was; and finishing or giving up a flight finds its
+//! key's entry by the flight's mark, running no user code at all (it may
+//! happen in a drop, during a panic).
 //!
-//! Stored values and flights in progress live in two tables: the values
-//! table is the big one (one entry per stored key: the key, its hash, the
-//! value and its epoch) and is probed once per call; the flight table holds
-//! only flights in progress and stays in cache.
+//! The map is a set of [`Entry`]s, one per key that has a stored value or a
+//! flight in progress: the key's hash, the mark of its flight, the key, and
+//! the value with its epoch (32 bytes for a `u64` key and value). One probe
+//! per call finds and changes it; the flights in progress themselves live in
+//! a small table (`flight_table.rs`) that the mark points into.
 
 use std::any::Any;
 use std::borrow::Borrow;
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::fmt;
 use std::hash::{BuildHasher, Hash};
-use std::mem;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
-use crate::epoch::{Epoch, Stamp, Versioned};
+use crate::epoch::{Epoch, Stamp, Stamped, Versioned};
 use crate::flight::{self, Finished, Flight, FlightId, Unattended, WaitKind};
-use crate::flight_table::FlightTable;
-use crate::hashed::{BuildPassThrough, Hashed, Probe};
-use crate::read_cache::{Entry, ReadCache};
+use crate::flight_table::{FlightTable, mark, marked};
+use crate::hashed::{BuildPassThrough, ByMark, Entry, Hashed, Probe, fold, lookup};
+use crate::read_cache::{Cached, ReadCache};
 use crate::spawner::Spawner;
 use crate::sync::{Arc, Mutex, StdArc};
-use crate::wakers::{Registration, WakeOnDrop};
+use crate::wakers::Registration;
 use crate::work::Work;
 
 /// A panic caught while publishing, re-raised in the caller it belongs to.
 pub(crate) type Panic = Box<dyn Any + Send>;
 
-/// Below this many entries, a table keeps its capacity when emptied.
+/// Below this many entries, the map keeps its capacity as keys go.
 const KEEP_CAPACITY: usize = 1024;
 
 pub(crate) struct Registry<K, T, E, S> {
@@ -48,10 +50,49 @@ pub(crate) struct Registry<K, T, E, S> {
 
 /// What the map lock guards.
 struct Map<K, T, E> {
-    values: HashMap<Hashed<K>, Versioned<T>, BuildPassThrough>,
+    /// Invariant: an attached flight's key has an entry that marks it, and
+    /// an entry has a value or a mark.
+    entries: HashSet<Entry<K, T>, BuildPassThrough>,
     flights: FlightTable<K, T, E>,
     /// The last epoch issued, for any key.
     last_epoch: u64,
+    /// Takes a released flight's mark off its key's entry. `release` runs
+    /// where `K: Eq` is not known (a caller's drop), so `enter`, which knows
+    /// it, leaves the function here when it starts a flight.
+    unmark: Option<Unmark<K, T, E>>,
+}
+
+type Unmark<K, T, E> = fn(&mut Map<K, T, E>, FlightId);
+
+impl<K, T, E> Map<K, T, E> {
+    fn next_stamp(&mut self) -> Stamp {
+        self.last_epoch += 1;
+        Stamp::issued(self.last_epoch)
+    }
+}
+
+/// The entry that marks attached flight `id`, found by mark (no user code).
+fn marked_entry<K: Eq, T, E>(map: &Map<K, T, E>, id: FlightId) -> (&Entry<K, T>, ByMark) {
+    let probe = ByMark {
+        hash: map.flights.get(id).key.hash,
+        flight: mark(id),
+    };
+    let entry = map.entries.get(lookup::<K, _>(&probe));
+    (
+        entry.expect("an attached flight's key has an entry that marks it"),
+        probe,
+    )
+}
+
+/// Takes flight `id`'s mark off its key's entry, and the entry out of the
+/// map if it holds no value.
+fn unmark<K: Eq, T, E>(map: &mut Map<K, T, E>, id: FlightId) {
+    let (entry, probe) = marked_entry(map, id);
+    if entry.value(|value| value.is_some()) {
+        entry.flight.set(None);
+    } else {
+        map.entries.remove(lookup::<K, _>(&probe));
+    }
 }
 
 /// Work whose callers all went away, on its way to the spawner. The task
@@ -86,11 +127,11 @@ pub(crate) enum Mode {
 impl Mode {
     /// The reuse rule: whether the key's stored value answers this call
     /// without any flight, given whether another flight is in progress.
-    pub(crate) fn reuses<T>(self, stored: &Versioned<T>, in_flight: bool) -> bool {
+    pub(crate) fn reuses<T>(self, stored: &Stamped<T>, in_flight: bool) -> bool {
         match self {
             Mode::Run => false,
             // Even while a flight runs: the caller's value is already stale.
-            Mode::RefreshIfCurrent(seen) => stored.epoch > seen,
+            Mode::RefreshIfCurrent(seen) => Epoch::from(stored.stamp) > seen,
             // A flight in progress is newer than the stored value: join it.
             Mode::Get => !in_flight,
         }
@@ -112,9 +153,10 @@ impl<K, T, E, S> Registry<K, T, E, S> {
         Self {
             hasher,
             map: Mutex::new(Map {
-                values: HashMap::default(),
+                entries: HashSet::default(),
                 flights: FlightTable::new(),
                 last_epoch: 0,
+                unmark: None,
             }),
             reads: ReadCache::new(),
             spawner: None,
@@ -125,11 +167,26 @@ impl<K, T, E, S> Registry<K, T, E, S> {
         self.spawner = Some(spawner);
     }
 
+    pub(crate) fn has_spawner(&self) -> bool {
+        self.spawner.is_some()
+    }
+
+    /// Identifies this map to [`flight::is_driving`].
+    pub(crate) fn address(&self) -> usize {
+        self as *const Self as usize
+    }
+
+    /// Keys holding a value or a flight in progress.
+    pub(crate) fn len(&self) -> usize {
+        self.map.lock().entries.len()
+    }
+
     /// The driver of flight `id` stops without a result: cancelled between
     /// two polls (`work` is `Some`), or panicked or never started (`None`).
     /// Heirs take it over; with none, the work finishes on the spawner if
     /// `may_spawn` (not for a driver already on it), else the flight is
-    /// released.
+    /// released. Runs no user code but the spawner and the work's drop, and
+    /// those with no lock held.
     pub(crate) fn give_up(
         self: &StdArc<Self>,
         id: FlightId,
@@ -193,16 +250,17 @@ impl<K, T, E, S> Registry<K, T, E, S> {
 
     /// Frees flight `id`, whose work (if any) was dropped: it leaves the
     /// table, or becomes vacant for heirs that joined meanwhile.
-    pub(crate) fn release(&self, id: FlightId) {
+    fn release(&self, id: FlightId) {
         let mut map = self.map.lock();
         let flight = map.flights.get(id);
         let wake = flight.shared.as_ref().and_then(|shared| shared.vacate());
         let removed = if wake.is_none() {
-            let removed = map.flights.remove(id);
-            if removed.attached {
+            if flight.attached {
+                let unmark = map.unmark.expect("`enter` led this flight");
+                unmark(&mut map, id);
                 self.reads.changed();
             }
-            Some(removed)
+            Some(map.flights.remove(id))
         } else {
             None
         };
@@ -217,87 +275,111 @@ where
     T: Clone,
     S: BuildHasher,
 {
+    fn hash<Q: Hash + ?Sized>(&self, key: &Q) -> u32 {
+        fold(self.hasher.hash_one(key))
+    }
+
     /// Registers a caller: reuse, lead or join. Runs no user code but the
-    /// hasher (before locking), `K::eq` and `T::clone`.
+    /// hasher (before locking, and only if this thread's read slot does not
+    /// answer), `K::eq`, `K::clone` (a new key) and `T::clone`.
     pub(crate) fn enter(&self, key: K, mode: Mode, kind: WaitKind) -> Entered<T, E> {
-        let may_reuse = mode != Mode::Run;
-        let hash = self.hasher.hash_one(&key);
+        let mut hashed = None;
         let mut fill = false;
-        if may_reuse {
-            let cached = self.reads.read(
-                &key,
-                || hash,
-                |entry| {
-                    let stored = entry.value.as_ref()?;
-                    mode.reuses(stored, entry.in_flight).then(|| stored.clone())
-                },
-            );
+        if mode != Mode::Run {
+            let hash = || *hashed.insert(self.hash(&key));
+            let cached = self.reads.read(&key, hash, |cached| {
+                let stored = cached.value.as_ref()?;
+                mode.reuses(stored, cached.in_flight)
+                    .then(|| stored.versioned())
+            });
             match cached {
                 Ok(Some(stored)) => return Entered::Reused(stored),
                 Ok(None) => {}
                 Err(miss) => fill = miss.fill,
             }
         }
-        let key = Hashed { hash, key };
-        let mut map = self.map.lock();
-        let found = map.flights.find(hash, &key.key);
-        let stored = if may_reuse {
-            map.values.get(&key)
-        } else {
-            None
+        let key = Hashed {
+            hash: hashed.unwrap_or_else(|| self.hash(&key)),
+            key,
         };
-        if let Some(stored) = stored.filter(|s| mode.reuses(s, found.is_some())) {
-            let stored = stored.clone();
-            let version = self.reads.version();
-            drop(map);
-            if fill {
-                let entry = stored.clone();
-                self.reads.fill(version, key, Some(entry), found.is_some());
-            }
-            return Entered::Reused(stored);
-        }
-        match found {
-            Some(id) => {
-                let kind = if flight::is_driving(self.address(), id) {
-                    if kind == WaitKind::Blocking {
-                        drop(map);
-                        panic!(
-                            "epochflight: a blocking call from inside a flight's work joined that \
-                             same flight: it would wait for itself forever (work must not wait \
-                             for its own key)"
-                        );
-                    }
-                    WaitKind::Nested
-                } else {
-                    kind
-                };
-                let shared = &mut map.flights.get_mut(id).shared;
-                let flight = shared.get_or_insert_with(|| Arc::new(Flight::new()));
-                flight.join(kind);
-                let flight = flight.clone();
+        let mut map = self.map.lock();
+        let Map {
+            entries,
+            flights,
+            unmark: unmark_fn,
+            ..
+        } = &mut *map;
+        let entry = entries.get(lookup::<K, _>(&key));
+        let flight = entry.and_then(|entry| entry.flight.get());
+        if mode != Mode::Run {
+            let reused = entry.and_then(|entry| {
+                entry.value(|stored| {
+                    let stored = stored.filter(|s| mode.reuses(s, flight.is_some()))?;
+                    Some((stored.versioned(), fill.then(|| stored.clone())))
+                })
+            });
+            if let Some((reused, copy)) = reused {
+                let version = self.reads.version();
                 drop(map);
-                Entered::Join(id, flight, kind)
+                if let Some(copy) = copy {
+                    self.reads.fill(version, key, Some(copy), flight.is_some());
+                }
+                return Entered::Reused(reused);
+            }
+        }
+        if let Some(flight) = flight {
+            let id = marked(flight);
+            let kind = if flight::is_driving(self.address(), id) {
+                if kind == WaitKind::Blocking {
+                    drop(map);
+                    panic!(
+                        "epochflight: a blocking call from inside a flight's work joined that \
+                         same flight: it would wait for itself forever (work must not wait for \
+                         its own key)"
+                    );
+                }
+                WaitKind::Nested
+            } else {
+                kind
+            };
+            let shared = &mut flights.get_mut(id).shared;
+            let shared = shared.get_or_insert_with(|| Arc::new(Flight::new()));
+            shared.join(kind);
+            let shared = shared.clone();
+            drop(map);
+            return Entered::Join(id, shared, kind);
+        }
+        self.reads.changed();
+        unmark_fn.get_or_insert(unmark::<K, T, E>);
+        let id = match entry {
+            Some(entry) => {
+                let id = flights.lead(key);
+                entry.flight.set(Some(mark(id)));
+                id
             }
             None => {
-                self.reads.changed();
-                let id = map.flights.lead(key);
-                drop(map);
-                Entered::Lead(id)
+                let entry = Entry::new(key.clone(), None);
+                let id = flights.lead(key);
+                entry.flight.set(Some(mark(id)));
+                entries.insert(entry);
+                id
             }
-        }
+        };
+        drop(map);
+        Entered::Lead(id)
     }
 
-    /// The latest value for `key`, and whether it has a flight in progress.
-    pub(crate) fn read<Q, R>(&self, key: &Q, answer: impl Fn(Option<&Versioned<T>>) -> R) -> R
+    /// The latest value for `key`: `answer` gets it, from this thread's read
+    /// slot or from the map.
+    pub(crate) fn read<Q, R>(&self, key: &Q, answer: impl Fn(Option<&Stamped<T>>) -> R) -> R
     where
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
-        let hasher = &self.hasher;
         let cached = self.reads.read(
             key,
-            || hasher.hash_one(key),
-            |entry: &Entry<K, T>| answer(entry.value.as_ref()),
+            || self.hash(key),
+            |cached: &Cached<K, T>| answer(cached.value.as_ref()),
         );
         let (hash, fill) = match cached {
             Ok(answer) => return answer,
@@ -305,16 +387,20 @@ where
         };
         let probe = Probe { hash, key };
         let map = self.map.lock();
-        let stored = map.values.get_key_value(probe.as_lookup());
-        let answered = answer(stored.map(|(_, value)| value));
-        if fill {
-            if let Some((stored_key, value)) = stored {
-                let in_flight = map.flights.find(hash, key).is_some();
-                let (key, value) = (stored_key.clone(), value.clone());
-                let version = self.reads.version();
-                drop(map);
-                self.reads.fill(version, key, Some(value), in_flight);
-            }
+        let Some(entry) = map.entries.get(lookup(&probe)) else {
+            return answer(None);
+        };
+        let (answered, copy) =
+            entry.value(|stored| (answer(stored), fill.then(|| stored.cloned())));
+        if let Some(copy) = copy {
+            let in_flight = entry.flight.get().is_some();
+            let key = Hashed {
+                hash,
+                key: entry.key.clone(),
+            };
+            let version = self.reads.version();
+            drop(map);
+            self.reads.fill(version, key, copy, in_flight);
         }
         answered
     }
@@ -325,72 +411,73 @@ where
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
-        let hash = self.hasher.hash_one(key);
+        let hash = self.hash(key);
         let probe = Probe { hash, key };
         let mut map = self.map.lock();
-        let found = map.flights.find(hash, key);
-        let removed = map.values.remove_entry(probe.as_lookup());
-        if found.is_some() || removed.is_some() {
+        let Map {
+            entries, flights, ..
+        } = &mut *map;
+        let removed = entries.take(lookup(&probe));
+        if let Some(entry) = &removed {
             self.reads.changed();
-        }
-        if let Some(id) = found {
-            map.flights.cut_loose(id);
-        }
-        let values = &mut map.values;
-        if values.capacity() > KEEP_CAPACITY && values.len() * 4 < values.capacity() {
-            // Memory returns as keys are forgotten (amortised: the table
-            // halves only after it emptied to a quarter).
-            values.shrink_to(values.len() * 2);
+            if let Some(flight) = entry.flight.get() {
+                flights.get_mut(marked(flight)).attached = false;
+            }
+            if entries.capacity() > KEEP_CAPACITY && entries.len() * 4 < entries.capacity() {
+                // Memory returns as keys are forgotten (amortised: the map
+                // halves only after it emptied to a quarter).
+                entries.shrink_to(entries.len() * 2);
+            }
         }
         drop(map);
-        if removed.is_some() {
-            self.reads.forget(hash);
-        }
-        removed.map(|(_, value)| value)
+        let value = removed?.into_value();
+        self.reads.forget(hash);
+        value.map(Versioned::from)
     }
 
     /// Stores `value` for `key` with a new epoch and cuts its flight loose
     /// (`set`); returns the epoch and the replaced value.
     pub(crate) fn replace(&self, key: K, value: T) -> (Epoch, Option<Versioned<T>>) {
         let key = Hashed {
-            hash: self.hasher.hash_one(&key),
+            hash: self.hash(&key),
             key,
         };
         let mut map = self.map.lock();
+        let stamp = map.next_stamp();
         let Map {
-            values,
-            flights,
-            last_epoch,
+            entries, flights, ..
         } = &mut *map;
-        let found = flights.find(key.hash, &key.key);
-        *last_epoch += 1;
-        let epoch = Epoch::from(Stamp::issued(*last_epoch));
-        let stored = Versioned { value, epoch };
-        let replaced = match values.get_mut(&key) {
-            Some(slot) => Some(mem::replace(slot, stored)),
+        let stored = Some(Stamped { value, stamp });
+        let replaced = match entries.get(lookup::<K, _>(&key)) {
+            Some(entry) => {
+                if let Some(flight) = entry.flight.take() {
+                    flights.get_mut(marked(flight)).attached = false;
+                }
+                entry.replace_value(stored)
+            }
             None => {
-                values.insert(key, stored);
+                entries.insert(Entry::new(key, stored));
                 None
             }
         };
-        if let Some(id) = found {
-            flights.cut_loose(id);
-        }
         self.reads.changed();
         drop(map);
-        (epoch, replaced)
+        (stamp.into(), replaced.map(Versioned::from))
     }
 
-    /// Whether `key` has a flight in progress, and how many follow it.
+    /// How many follow `key`'s flight in progress, if it has one.
     pub(crate) fn flight_of<Q>(&self, key: &Q) -> Option<usize>
     where
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
-        let hash = self.hasher.hash_one(key);
+        let probe = Probe {
+            hash: self.hash(key),
+            key,
+        };
         let map = self.map.lock();
-        let id = map.flights.find(hash, key)?;
-        let shared = map.flights.get(id).shared.clone();
+        let entry = map.entries.get(lookup(&probe))?;
+        let shared = map.flights.get(marked(entry.flight.get()?)).shared.clone();
         drop(map);
         Some(shared.map_or(0, |flight| flight.followers()))
     }
@@ -398,12 +485,13 @@ where
 
 impl<K, T, E, S> Registry<K, T, E, S>
 where
-    K: Eq + Clone,
+    K: Eq,
     T: Clone,
 {
     /// Flight `id`'s driver finished with `result`: store it if the flight is
     /// still its key's and it is `Ok` (with a new epoch), publish it to the
-    /// followers, and take the flight out of the table.
+    /// followers, and take the flight out of the table. Finds the key's entry
+    /// by mark: runs no user code under the lock but the clones of [`Copies`].
     ///
     /// A panicking `T::clone` or `E::clone` reaches only the driver's caller
     /// (`Err(panic)`, once everything is published): see [`Copies`].
@@ -417,61 +505,43 @@ where
     {
         let mut copies = Copies::new(result);
         let mut map = self.map.lock();
-        let Map {
-            values,
-            flights,
-            last_epoch,
-        } = &mut *map;
-        let flight = flights.get(id);
-        let store = flight.attached && copies.succeeded();
-        // Probed before anything changes: a `K::eq` that panics leaves the
-        // flight as it was, and the driver's drop hands it on.
-        let stored_at = if store {
-            values.get_mut(&flight.key)
-        } else {
-            None
-        };
-        *last_epoch += 1;
-        let stamp = Stamp::issued(*last_epoch);
-        let stored = store.then(|| Versioned {
+        let stamp = map.next_stamp();
+        let flight = map.flights.get(id);
+        let (attached, followed) = (flight.attached, flight.shared.is_some());
+        let stored = (attached && copies.succeeded()).then(|| Stamped {
             value: copies.take_for_store(),
-            epoch: Epoch::from(stamp),
+            stamp,
         });
-        let published = flight
-            .shared
-            .is_some()
-            .then(|| copies.take_for_followers(stored.as_ref().map(|s| &s.value)));
+        let published =
+            followed.then(|| copies.take_for_followers(stored.as_ref().map(|s| &s.value)));
         let mut replaced = None;
-        if let Some(stored) = stored {
+        if attached {
             self.reads.changed();
-            match stored_at {
-                Some(slot) => replaced = Some(mem::replace(slot, stored)),
-                // A new key: the flight's copy of it goes into the table.
-                None => drop(values.insert(flight.key.clone(), stored)),
+            match stored {
+                Some(stored) => {
+                    let (entry, _) = marked_entry(&map, id);
+                    entry.flight.set(None);
+                    replaced = entry.replace_value(Some(stored));
+                }
+                // Failed: nothing is stored; an entry left with no value goes.
+                None => unmark(&mut map, id),
             }
         }
-        let shared = flights.get(id).shared.clone();
-        let (wake, removed) = match (shared, published) {
+        let flights = &mut map.flights;
+        let (wake, removed) = match (&flights.get(id).shared, published) {
             // Both copies panicked and the original is stored: the heirs
             // take the flight over as after a panic, and find the stored
             // value (see `SingleFlight`'s `# Panics`).
             (Some(shared), Some(None)) => match shared.hand_off(None) {
-                Ok(wake) => (wake, None),
-                Err(_) => (WakeOnDrop::default(), Some(flights.remove(id))),
+                Ok(wake) => (Some(wake), None),
+                Err(_) => (None, Some(flights.remove(id))),
             },
-            (shared, published) => {
-                let wake = match (shared, published) {
-                    (Some(shared), Some(Some(result))) => {
-                        shared.publish(result.map(|value| (value, stamp)))
-                    }
-                    _ => WakeOnDrop::default(),
-                };
-                (wake, Some(flights.remove(id)))
+            (Some(shared), Some(Some(result))) => {
+                let wake = shared.publish(result.map(|value| (value, stamp)));
+                (Some(wake), Some(flights.remove(id)))
             }
+            _ => (None, Some(flights.remove(id))),
         };
-        if removed.as_ref().is_some_and(|flight| flight.attached) {
-            self.reads.changed();
-        }
         drop(map);
         drop(wake);
         // The replaced value's drop is user code that may panic: caught, so
@@ -489,48 +559,29 @@ where
     pub(crate) fn reusable(&self, id: FlightId, mode: Mode) -> Option<Versioned<T>> {
         let map = self.map.lock();
         let key = &map.flights.get(id).key;
-        let stored = map.values.get(key)?;
+        let entry = map.entries.get(lookup::<K, _>(key))?;
         // The vacancy is this caller's: no other flight is in progress.
-        mode.reuses(stored, false).then(|| stored.clone())
+        entry.value(|stored| {
+            stored
+                .filter(|s| mode.reuses(s, false))
+                .map(Stamped::versioned)
+        })
     }
 
-    /// Returns spare memory: the tables shrink to what they hold.
+    /// Returns spare memory: the map shrinks to what it holds.
     pub(crate) fn shrink_to_fit(&self) {
-        let mut map = self.map.lock();
-        map.values.shrink_to_fit();
-        map.flights.shrink_to_fit();
-    }
-
-    /// Keys holding a value or a flight in progress.
-    pub(crate) fn len(&self) -> usize {
-        let map = self.map.lock();
-        let without_value = map
-            .flights
-            .attached()
-            .filter(|f| !map.values.contains_key(&f.key));
-        map.values.len() + without_value.count()
-    }
-}
-
-impl<K, T, E, S> Registry<K, T, E, S> {
-    /// Identifies this map to [`flight::is_driving`].
-    pub(crate) fn address(&self) -> usize {
-        self as *const Self as usize
-    }
-
-    pub(crate) fn has_spawner(&self) -> bool {
-        self.spawner.is_some()
+        self.map.lock().entries.shrink_to_fit();
     }
 }
 
 impl<K, T, E, S> fmt::Debug for Registry<K, T, E, S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let map = self.map.lock();
-        let attached = map.flights.attached().count();
+        let cut_loose = map.flights.cut_loose();
         f.debug_struct("SingleFlight")
-            .field("stored_values", &map.values.len())
-            .field("in_flight", &attached)
-            .field("cut_loose_in_flight", &(map.flights.len() - attached))
+            .field("keys", &map.entries.len())
+            .field("in_flight", &(map.flights.len() - cut_loose))
+            .field("cut_loose_in_flight", &cut_loose)
             .field("last_epoch", &Epoch(map.last_epoch))
             .field("spawner", &self.spawner.is_some())
             .finish()

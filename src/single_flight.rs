@@ -11,7 +11,7 @@ use std::pin::Pin;
 
 use crate::call::{Call, CallState, TryCall};
 use crate::driver::finish_on_spawner;
-use crate::epoch::{Epoch, Outcome, Versioned};
+use crate::epoch::{Epoch, Outcome, Stamped, Versioned};
 use crate::flight::WaitKind;
 use crate::registry::{Mode, Registry};
 use crate::spawner::Spawner;
@@ -595,7 +595,8 @@ where
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
-        self.registry.read(key, |stored| stored.cloned())
+        self.registry
+            .read(key, |stored| stored.map(Stamped::versioned))
     }
 
     /// The latest epoch for `key`, [`Epoch::NONE`] if no value is stored.
@@ -616,7 +617,7 @@ where
         Q: Hash + Eq + ?Sized,
     {
         self.registry
-            .read(key, |stored| stored.map_or(Epoch::NONE, |s| s.epoch))
+            .read(key, |stored| stored.map_or(Epoch::NONE, |s| s.stamp.into()))
     }
 
     /// Drops the value stored for `key`. A flight in progress finishes for its

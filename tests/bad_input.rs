@@ -102,10 +102,11 @@ fn a_key_whose_hash_panics_touches_nothing() {
     });
 }
 
-/// A panicking `Eq` while a leader stores its result: the result cannot be
-/// stored, the leader panics, and its follower (which then cannot look up
-/// the key either) panics too instead of waiting forever. Nothing is left in
-/// flight, and the key works again once `Eq` does.
+/// A panicking `Eq` never strands a flight: finishing, cancelling or
+/// panicking out of a flight finds the key's entry by the flight's mark and
+/// compares no keys (so no second panic during an unwinding, which would
+/// abort). Only calls that look the key up run `Eq`, and they panic before
+/// they change anything.
 #[test]
 fn a_key_whose_eq_panics_hangs_nobody() {
     with_timeout("a_key_whose_eq_panics", || {
@@ -127,18 +128,49 @@ fn a_key_whose_eq_panics_hangs_nobody() {
             common::until_blocking(|| sf.waiters(&keys.key(1)) == 1);
             keys.eq_panics.store(true, Ordering::SeqCst);
             gate.open();
-            let led = catch_unwind(AssertUnwindSafe(|| block_on(leader.as_mut())));
-            assert!(led.is_err(), "the leader's store compared the key");
-            drop(leader); // a panicked call is dropped, which hands its flight on
-            let followed = follower.join();
-            assert!(
-                followed.is_err(),
-                "the promoted follower compared the key too"
-            );
+            let led = block_on(leader);
+            let followed = follower.join().expect("the follower got the result");
+            assert_eq!((led.value, led.role), (7, Role::Led));
+            assert_eq!((followed.value, followed.role), (7, Role::Joined));
+            // Lookups by key panic, touching nothing.
+            let run = catch_unwind(AssertUnwindSafe(|| sf.run_blocking(keys.key(1), || 9)));
+            assert!(run.is_err());
+            assert!(catch_unwind(AssertUnwindSafe(|| sf.set(keys.key(1), 9))).is_err());
+            assert!(catch_unwind(AssertUnwindSafe(|| sf.current(&keys.key(1)))).is_err());
             keys.eq_panics.store(false, Ordering::SeqCst);
             nothing_left_in_flight(&sf);
-            assert_eq!(sf.current(&keys.key(1)).unwrap().value, round);
+            assert_eq!(sf.current(&keys.key(1)).unwrap().value, 7);
         }
-        assert_eq!(sf.run_blocking(keys.key(1), || 9).value, 9);
+    });
+}
+
+/// A flight on a key whose `Eq` panics is cancelled, or its work panics
+/// (the call is then dropped by the unwinding itself), with nobody waiting:
+/// the key is freed without comparing keys. A comparison there would be a
+/// second panic during an unwinding, which aborts the process.
+#[test]
+fn a_flight_on_a_key_whose_eq_panics_is_released_cleanly() {
+    with_timeout("a_flight_released_cleanly", || {
+        let keys = Keys::new();
+        let sf: SingleFlight<Touchy, u32> = SingleFlight::new();
+
+        let mut cancelled = Box::pin(sf.run(keys.key(1), std::future::pending::<u32>));
+        assert!(poll_once(cancelled.as_mut()).is_pending());
+        keys.eq_panics.store(true, Ordering::SeqCst);
+        drop(cancelled);
+        keys.eq_panics.store(false, Ordering::SeqCst);
+        nothing_left_in_flight(&sf);
+        assert!(sf.is_empty(), "the key is free");
+
+        keys.eq_panics.store(true, Ordering::SeqCst);
+        let panicked = catch_unwind(AssertUnwindSafe(|| {
+            block_on(sf.run(keys.key(1), || async {
+                panic!("intentional panic in the work")
+            }))
+        }));
+        assert!(panicked.is_err());
+        keys.eq_panics.store(false, Ordering::SeqCst);
+        nothing_left_in_flight(&sf);
+        assert!(sf.is_empty(), "the key is free");
     });
 }
