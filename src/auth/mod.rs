@@ -42,8 +42,13 @@
 //! For several credentials (one per tenant, say), use
 //! [`SingleFlight`](crate::SingleFlight) directly with one key per credential.
 
+mod credential;
 mod error;
 mod manager;
+mod refresh;
+mod retry;
+mod session;
+mod wait;
 
 #[cfg(feature = "http")]
 mod classify;
@@ -54,6 +59,7 @@ mod layer;
 #[cfg(feature = "reqwest")]
 mod middleware;
 
+pub use credential::ForKey;
 pub use error::{AuthError, RefreshError};
 pub use manager::{AuthStats, DEFAULT_COOLDOWN, RefreshEvent, TokenManager};
 
