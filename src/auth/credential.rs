@@ -489,3 +489,77 @@ where
         matches!(sent, Ok(response) if response.is_unauthorized())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+    use std::time::{Duration, Instant};
+
+    use super::super::session::Sessions;
+    use super::*;
+
+    type Manager = TokenManager<u32, String>;
+
+    /// Runs `call` on another thread; whether it returned `true` within a
+    /// generous deadline (a call waiting for a lock held by the caller of
+    /// this function does not).
+    fn finishes(call: impl FnOnce() -> bool + Send + 'static) -> bool {
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(call());
+        });
+        rx.recv_timeout(Duration::from_secs(5)).unwrap_or(false)
+    }
+
+    fn the_session(m: &Manager) -> Arc<Session<String>> {
+        match &m.core.sessions {
+            Sessions::One { session, .. } => session.clone(),
+            Sessions::PerKey(_) => unreachable!("a manager of one credential"),
+        }
+    }
+
+    /// `token` on a valid token takes neither the session's lock nor the
+    /// lock of the hook-panic slot: it finishes while another thread holds
+    /// them. (The previous code took the session lock twice per call.)
+    #[test]
+    fn valid_token_takes_no_lock_of_the_manager() {
+        let m = Arc::new(Manager::with_token_blocking(|_| Ok(2), 1));
+        let session = the_session(&m);
+        let blocking = m.clone();
+        let call = move || {
+            blocking.token_blocking()
+                == Ok(Versioned {
+                    value: 1,
+                    epoch: blocking.epoch(),
+                })
+        };
+        assert!(session.locked(|_| finishes(call)));
+        let polled = m.clone();
+        let call = move || futures::executor::block_on(polled.token()).is_ok();
+        let slot = m.core.hook_panic_slot_for_tests();
+        assert!(finishes(call));
+        drop(slot);
+        assert_eq!(m.stats().refresh_calls, 0);
+    }
+
+    /// Inside the refresh-ahead window, while another caller refreshes
+    /// ahead, `token` hands out the still-valid token without the session
+    /// lock (the claim is an atomic).
+    #[test]
+    fn refresh_ahead_in_progress_takes_no_session_lock() {
+        let expires_at = Instant::now() + Duration::from_secs(30);
+        let m = Arc::new(
+            Manager::with_token_blocking(|_| Ok(2), 1)
+                .with_expiry(move |_| Some(expires_at), Duration::from_secs(60)),
+        );
+        let session = the_session(&m);
+        assert!(
+            session.claim_ahead(m.epoch()),
+            "as a caller refreshing ahead"
+        );
+        let other = m.clone();
+        let call = move || other.token_blocking().is_ok_and(|t| t.value == 1);
+        assert!(session.locked(|_| finishes(call)));
+        assert_eq!(m.stats().refresh_calls, 0);
+    }
+}

@@ -1,9 +1,9 @@
 //! What a refresh, and a call through the [`TokenManager`](super::TokenManager),
 //! can fail with.
 
+use crate::sync::StdArc as Arc;
 use std::error::Error;
 use std::fmt;
-use crate::sync::StdArc as Arc;
 
 /// Why a refresh failed, as the [refresher](super::TokenManager::new) reports it.
 ///

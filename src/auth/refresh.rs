@@ -235,6 +235,15 @@ where
         }
     }
 
+    /// Holds the hook-panic slot's lock (unit tests check that calls on a
+    /// valid token do not take it).
+    #[cfg(test)]
+    pub(super) fn hook_panic_slot_for_tests(
+        &self,
+    ) -> impl std::ops::DerefMut<Target = Option<Box<dyn Any + Send>>> + '_ {
+        self.hook_panic.lock()
+    }
+
     /// Re-raises a hook's panic in a caller of the refresh it ran in.
     pub(super) fn resume_hook_panic(&self) {
         if !self.hook_panicked.load(Ordering::Acquire) {
