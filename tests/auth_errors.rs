@@ -12,14 +12,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use common::{Gate, Rt, until};
 use epochflight::auth::{AuthError, RefreshError, TokenManager};
 
-fn read_token_file(gate: Arc<Gate>) -> impl Future<Output = io::Result<String>> {
-    async move {
-        gate.wait().await;
-        Err(io::Error::new(
-            io::ErrorKind::PermissionDenied,
-            "token file",
-        ))
-    }
+async fn read_token_file(gate: Arc<Gate>) -> io::Result<String> {
+    gate.wait().await;
+    Err(io::Error::new(
+        io::ErrorKind::PermissionDenied,
+        "token file",
+    ))
 }
 
 /// An `io::Error` from the refresher reaches all ten callers of the failed
@@ -109,4 +107,42 @@ fn reqwest_error_from_the_refresher_reaches_the_caller() {
         }
         assert_eq!(manager.stats().refresh_calls, 1);
     });
+}
+
+/// ureq's `Err(StatusCode(401))` is unauthorized (ureq reports statuses as
+/// errors by default); any other status or error is a transport error.
+#[cfg(feature = "ureq")]
+#[test]
+fn ureq_status_401_error_is_unauthorized() {
+    use epochflight::auth::Unauthorized;
+
+    type Called = Result<http::Response<ureq::Body>, ureq::Error>;
+    let error = |e: ureq::Error| -> Called { Err(e) };
+    assert!(error(ureq::Error::StatusCode(401)).is_unauthorized());
+    assert!(!error(ureq::Error::StatusCode(403)).is_unauthorized());
+    assert!(!error(ureq::Error::StatusCode(500)).is_unauthorized());
+    assert!(!error(ureq::Error::HostNotFound).is_unauthorized());
+}
+
+/// reqwest's `error_for_status` turns a 401 into an error that is
+/// unauthorized, inside `reqwest_middleware::Error` too.
+#[cfg(feature = "reqwest")]
+#[test]
+fn reqwest_status_401_error_is_unauthorized() {
+    use epochflight::auth::Unauthorized;
+
+    let status_error = |status: u16| {
+        let response = http::Response::builder().status(status).body("").unwrap();
+        reqwest::Response::from(response)
+            .error_for_status()
+            .unwrap_err()
+    };
+    let plain = |status| -> reqwest::Result<reqwest::Response> { Err(status_error(status)) };
+    assert!(plain(401).is_unauthorized());
+    assert!(!plain(403).is_unauthorized());
+    let wrapped = |status| -> reqwest_middleware::Result<reqwest::Response> {
+        Err(reqwest_middleware::Error::Reqwest(status_error(status)))
+    };
+    assert!(wrapped(401).is_unauthorized());
+    assert!(!wrapped(500).is_unauthorized());
 }

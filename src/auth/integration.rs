@@ -171,7 +171,7 @@ pub struct NotReplayed {
 }
 
 impl NotReplayed {
-    #[cfg(any(feature = "tower", feature = "reqwest"))]
+    #[cfg(any(feature = "tower", feature = "reqwest", feature = "ureq"))]
     pub(crate) fn new(reason: NotReplayedReason) -> Self {
         Self { reason }
     }

@@ -42,6 +42,8 @@
 //! For several credentials (one per tenant, say), use
 //! [`SingleFlight`](crate::SingleFlight) directly with one key per credential.
 
+use std::any::Any;
+
 mod credential;
 mod error;
 mod manager;
@@ -58,6 +60,8 @@ mod integration;
 mod layer;
 #[cfg(feature = "reqwest")]
 mod middleware;
+#[cfg(feature = "ureq")]
+mod ureq_agent;
 
 pub use credential::ForKey;
 pub use error::{AuthError, RefreshError};
@@ -74,21 +78,69 @@ pub use layer::{
 };
 #[cfg(feature = "reqwest")]
 pub use middleware::AuthMiddleware;
+#[cfg(feature = "ureq")]
+pub use ureq_agent::{AuthAgent, DEFAULT_REPLAY_LIMIT, UreqAuthMiddleware};
 
 /// Tells whether a response means "the credential was not accepted" (HTTP
 /// `401`), the signal for [`TokenManager::send`] to refresh and retry once.
 ///
 /// Implement it for your client's response type (or a wrapper of it).
+///
+/// **A `401` the manager cannot see is never refreshed**: if your client
+/// reports it as an error that is not recognized below, `send` returns it
+/// as a transport error, and nothing refreshes. Either return the response
+/// for a `401`, or wrap the client's result in a type of yours that says
+/// what it is.
 pub trait Unauthorized {
     /// Whether the request was rejected for its credential.
     fn is_unauthorized(&self) -> bool;
 }
 
-/// A transport error is not an authorization failure: `Err` is never retried.
-impl<R: Unauthorized, X> Unauthorized for Result<R, X> {
+/// A client's result: `Ok` answers for itself; `Err` is a transport error,
+/// never retried, **except** an error in which a client reports an HTTP `401`
+/// status:
+///
+/// | client | error counted as unauthorized | feature |
+/// |---|---|---|
+/// | ureq 3 | `ureq::Error::StatusCode(401)` (`http_status_as_error`, ureq's default) | `ureq` |
+/// | reqwest | a `reqwest::Error` whose `status()` is `401` (from `error_for_status`), also inside `reqwest_middleware::Error::Reqwest` | `reqwest` |
+///
+/// Such an error has lost the response's `WWW-Authenticate` header, so every
+/// one of them counts, like a `401` without a challenge (see
+/// [`classify`](crate::auth::classify), feature `http`). Without the feature,
+/// the error is a transport error. Other clients' errors are not inspected.
+impl<R: Unauthorized, X: 'static> Unauthorized for Result<R, X> {
     fn is_unauthorized(&self) -> bool {
-        matches!(self, Ok(response) if response.is_unauthorized())
+        match self {
+            Ok(response) => response.is_unauthorized(),
+            Err(error) => status_error_is_unauthorized(error),
+        }
     }
+}
+
+/// Whether a client's error is a `401` status reported as an error. The
+/// type is known when `Result`'s impl is compiled for it: each check is a
+/// comparison of type ids, resolved per error type.
+fn status_error_is_unauthorized(error: &dyn Any) -> bool {
+    #[cfg(feature = "ureq")]
+    if let Some(error) = error.downcast_ref::<::ureq::Error>() {
+        return matches!(error, ::ureq::Error::StatusCode(401));
+    }
+    #[cfg(feature = "reqwest")]
+    {
+        let unauthorized =
+            |error: &::reqwest::Error| error.status() == Some(::reqwest::StatusCode::UNAUTHORIZED);
+        if let Some(error) = error.downcast_ref::<::reqwest::Error>() {
+            return unauthorized(error);
+        }
+        if let Some(::reqwest_middleware::Error::Reqwest(error)) =
+            error.downcast_ref::<::reqwest_middleware::Error>()
+        {
+            return unauthorized(error);
+        }
+    }
+    let _ = error;
+    false
 }
 
 impl<R: Unauthorized + ?Sized> Unauthorized for Box<R> {
