@@ -116,6 +116,7 @@ type SelectFn<K> = dyn Fn(&request::Parts) -> K + Send + Sync;
 /// assert_eq!((manager.stats().refresh_calls, manager.stats().retries), (1, 1));
 /// # });
 /// ```
+#[cfg_attr(docsrs, doc(cfg(feature = "tower")))]
 pub struct AuthLayer<T, E, R = ReplayBuffered, K = ()> {
     manager: Arc<TokenManager<T, E, K>>,
     select: Arc<SelectFn<K>>,
@@ -365,6 +366,7 @@ impl<S, T, E, R: Clone, K> Layer<S> for AuthLayer<T, E, R, K> {
 /// `tower::buffer::Buffer` are).
 ///
 /// Available with the `tower` feature.
+#[cfg_attr(docsrs, doc(cfg(feature = "tower")))]
 pub struct AuthService<S, T, E, R = ReplayBuffered, K = ()> {
     inner: S,
     config: Arc<AuthLayer<T, E, R, K>>,
@@ -550,6 +552,7 @@ where
 /// continued by that caller, not sent twice.
 ///
 /// Available with the `tower` feature.
+#[cfg_attr(docsrs, doc(cfg(feature = "tower")))]
 pub struct ResponseFuture<R, X> {
     inner: Pin<Box<dyn Future<Output = Result<R, X>> + Send>>,
 }
@@ -581,6 +584,7 @@ impl<R, X> fmt::Debug for ResponseFuture<R, X> {
 /// Its `Display` and `source` are those of the error it holds.
 ///
 /// Available with the `tower` feature.
+#[cfg_attr(docsrs, doc(cfg(feature = "tower")))]
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ServiceError<S, E> {
     /// No token to send: signed out, or the refresh failed (see
@@ -626,12 +630,14 @@ where
 /// the layer: [`ReplayBuffered`] (the default), [`NeverReplay`]
 /// ([`AuthLayer::never_replay`]) or [`ReplayWith`]
 /// ([`AuthLayer::replay_with`]).
+#[cfg_attr(docsrs, doc(cfg(feature = "tower")))]
 pub trait Replay<B> {
     /// A copy of `body` to send again, or `None` if it cannot be copied.
     fn try_copy(&self, body: &B) -> Option<B>;
 }
 
 /// Replays bodies that implement [`ReplayBody`] (buffered ones); the default.
+#[cfg_attr(docsrs, doc(cfg(feature = "tower")))]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ReplayBuffered;
 
@@ -642,6 +648,7 @@ impl<B: ReplayBody> Replay<B> for ReplayBuffered {
 }
 
 /// Never replays; works with any body type. See [`AuthLayer::never_replay`].
+#[cfg_attr(docsrs, doc(cfg(feature = "tower")))]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct NeverReplay;
 
@@ -652,6 +659,7 @@ impl<B> Replay<B> for NeverReplay {
 }
 
 /// Replays with a function of yours. See [`AuthLayer::replay_with`].
+#[cfg_attr(docsrs, doc(cfg(feature = "tower")))]
 pub struct ReplayWith<F>(Arc<F>);
 
 impl<F> Clone for ReplayWith<F> {
@@ -706,6 +714,7 @@ impl<B, F: Fn(&B) -> Option<B>> Replay<B> for ReplayWith<F> {
 /// }
 /// # let _ = Upload::File("x".into()).try_clone_body();
 /// ```
+#[cfg_attr(docsrs, doc(cfg(feature = "tower")))]
 pub trait ReplayBody: Sized {
     /// A copy of the body, to send again; `None` if it cannot be copied.
     fn try_clone_body(&self) -> Option<Self>;

@@ -78,8 +78,36 @@ type SelectFn<K> = dyn Fn(&Request, &Extensions) -> K + Send + Sync;
 /// [`TokenManager::token`]), including the refresh after an unauthorized
 /// response (whose response is then dropped), the request fails with
 /// [`reqwest_middleware::Error::Middleware`] holding the
-/// [`AuthError<E>`](super::AuthError): get it back with
-/// `error.downcast_ref::<AuthError<E>>()`.
+/// [`AuthError<E>`](super::AuthError). Match that variant first, then
+/// downcast its `anyhow::Error`:
+///
+/// ```
+/// use std::sync::Arc;
+/// use epochflight::auth::{AuthError, AuthMiddleware, TokenManager};
+///
+/// # futures::executor::block_on(async {
+/// let manager: Arc<TokenManager<String, String>> =
+///     Arc::new(TokenManager::new_blocking(|_| Ok("t".into())));
+/// manager.sign_out();
+/// let client = reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
+///     .with(AuthMiddleware::new(manager))
+///     .build();
+/// // Signed out: the request fails at once, before anything is sent.
+/// let error = client.get("http://api.invalid/items").send().await.unwrap_err();
+/// match &error {
+///     reqwest_middleware::Error::Middleware(inner) => {
+///         match inner.downcast_ref::<AuthError<String>>() {
+///             Some(AuthError::SignedOut) => { /* ask the user to log in again */ }
+///             Some(AuthError::Refresh(failed)) => eprintln!("refresh failed: {failed}"),
+///             Some(_) | None => eprintln!("{inner}"),
+///         }
+///     }
+///     reqwest_middleware::Error::Reqwest(transport) => eprintln!("{transport}"),
+/// }
+/// # assert!(matches!(&error, reqwest_middleware::Error::Middleware(e)
+/// #     if e.downcast_ref::<AuthError<String>>() == Some(&AuthError::SignedOut)));
+/// # });
+/// ```
 ///
 /// # Cancel safety
 ///
@@ -124,6 +152,7 @@ type SelectFn<K> = dyn Fn(&Request, &Extensions) -> K + Send + Sync;
 /// # Ok(())
 /// # }
 /// ```
+#[cfg_attr(docsrs, doc(cfg(feature = "reqwest")))]
 pub struct AuthMiddleware<T, E, K = ()> {
     manager: Arc<TokenManager<T, E, K>>,
     select: Arc<SelectFn<K>>,

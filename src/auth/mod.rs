@@ -39,8 +39,27 @@
 //! # });
 //! ```
 //!
-//! For several credentials (one per tenant, say), use
-//! [`SingleFlight`](crate::SingleFlight) directly with one key per credential.
+//! # What is here
+//!
+//! | | |
+//! |---|---|
+//! | [`TokenManager<T, E>`](TokenManager) | one credential: the request gate [`token`](TokenManager::token), [`refresh_if_current`](TokenManager::refresh_if_current), [`send`](TokenManager::send), sign-in and sign-out, cool-down after failures, refresh ahead of expiry, hooks, counters; blocking twins |
+//! | [`TokenManager<T, E, K>`](TokenManager::keyed) | one credential per key (tenant, scope, audience), each with all of the above: [`for_key`](TokenManager::for_key) gives a key's [`ForKey`] |
+//! | [`RefreshError`], [`AuthError`] | what a refresh fails with (`Rejected` ends the session, `Transient` cools down), and what a call fails with; for an error type that is not `Clone`, the manager's error type is `Arc<E>` (see [`TokenManager`]) |
+//! | [`Unauthorized`] | how `send` tells a `401` from a client's answer |
+//! | `AuthLayer` (feature `tower`), `AuthMiddleware` (feature `reqwest`), `UreqAuthMiddleware` (feature `ureq`) | the same routine as `send` for tower services (hyper), reqwest-middleware clients and ureq agents, with a credential per request for a keyed manager |
+//! | `classify`, `Credential`, `SkipAuth`, `NotReplayed` (feature `http`) | which `401`s a refresh can fix, how a token goes on a request, the marker for a refresher's own request, the note on a response that was not sent again |
+//!
+//! Every integration runs one routine: **gate** (wait for a refresh in
+//! flight) → **attach** the token → **send** → **classify** the answer →
+//! **refresh if current** (only if the token used is still the current
+//! one) → **replay once**.
+//!
+//! **A `401` the manager cannot see is never refreshed.** Each integration
+//! says which answers it can see: a client that turns a `401` into an error
+//! must be recognized ([`Unauthorized`]'s impl for `Result` names the ones
+//! that are), and the ureq middleware cannot read the challenge of a `401`
+//! that ureq reported as an error.
 
 use std::any::Any;
 
@@ -107,7 +126,7 @@ pub trait Unauthorized {
 ///
 /// Such an error has lost the response's `WWW-Authenticate` header, so every
 /// one of them counts, like a `401` without a challenge (see
-/// [`classify`](crate::auth::classify), feature `http`). Without the feature,
+/// `auth::classify`, feature `http`). Without the feature,
 /// the error is a transport error. Other clients' errors are not inspected.
 impl<R: Unauthorized, X: 'static> Unauthorized for Result<R, X> {
     fn is_unauthorized(&self) -> bool {

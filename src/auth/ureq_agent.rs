@@ -32,6 +32,7 @@ type SelectFn<K> = dyn Fn(&request::Parts) -> K + Send + Sync;
 
 /// How many bytes of a request body are kept to send it again after a
 /// refresh, unless set with [`UreqAuthMiddleware::replay_limit`]: 1 MiB.
+#[cfg_attr(docsrs, doc(cfg(feature = "ureq")))]
 pub const DEFAULT_REPLAY_LIMIT: usize = 1 << 20;
 
 /// `401 → refresh → retry` for a ureq 3 agent: authorizes every request
@@ -134,6 +135,7 @@ pub const DEFAULT_REPLAY_LIMIT: usize = 1 << 20;
 /// // agent.get("https://api.example/items").call()?
 /// # let _ = agent;
 /// ```
+#[cfg_attr(docsrs, doc(cfg(feature = "ureq")))]
 pub struct UreqAuthMiddleware<T, E, K = ()> {
     manager: Arc<TokenManager<T, E, K>>,
     select: Arc<SelectFn<K>>,
@@ -328,6 +330,7 @@ impl<T, E, K> fmt::Debug for UreqAuthMiddleware<T, E, K> {
 /// [`NotReplayed`]).
 ///
 /// Available with the `ureq` feature.
+#[cfg_attr(docsrs, doc(cfg(feature = "ureq")))]
 #[derive(Clone)]
 pub struct AuthAgent {
     agent: Arc<Agent>,
