@@ -325,7 +325,10 @@ where
         let (core, key) = (self.core(), self.key);
         let work = || refresh(core.clone(), session.to_arc(), key.clone(), Epoch::NONE);
         let got = match wait {
-            Wait::Async => core.flights.try_get(key.clone(), work).await,
+            Wait::Async => {
+                let _waiting = wait::Waiting(session);
+                core.flights.try_get(key.clone(), work).await
+            }
             Wait::Blocking => core
                 .flights
                 .try_get_blocking(key.clone(), || block_on(work())),
@@ -356,6 +359,7 @@ where
         let work = || refresh(core.clone(), session.to_arc(), key.clone(), seen);
         let refreshed = match wait {
             Wait::Async => {
+                let _waiting = wait::Waiting(session);
                 core.flights
                     .try_refresh_if_current(key.clone(), seen, work)
                     .await
@@ -561,5 +565,56 @@ mod tests {
         let call = move || other.token_blocking().is_ok_and(|t| t.value == 1);
         assert!(session.locked(|_| finishes(call)));
         assert_eq!(m.stats().refresh_calls, 0);
+    }
+
+    /// A cancelled async leader whose refresh is handed to a follower does
+    /// not leave its thread marked as the one driving the refresh: a
+    /// blocking call there afterwards would wait for the follower, not
+    /// deadlock, and must not be refused.
+    #[test]
+    fn cancelled_leader_does_not_mark_its_thread_as_driver() {
+        use std::future::Future;
+        use std::task::{Context, Waker};
+
+        let gate = Arc::new(event_listener::Event::new());
+        let open = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let m = Arc::new(Manager::with_token(
+            {
+                let (gate, open) = (gate.clone(), open.clone());
+                move |_| {
+                    let (gate, open) = (gate.clone(), open.clone());
+                    async move {
+                        while !open.load(std::sync::atomic::Ordering::SeqCst) {
+                            let listener = gate.listen();
+                            if open.load(std::sync::atomic::Ordering::SeqCst) {
+                                break;
+                            }
+                            listener.await;
+                        }
+                        Ok(2)
+                    }
+                }
+            },
+            1,
+        ));
+        let session = the_session(&m);
+        let seen = m.epoch();
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut leader = Box::pin(m.refresh_if_current(seen));
+        assert!(leader.as_mut().poll(&mut cx).is_pending());
+        assert_eq!(
+            session.driver.load(crate::sync::Ordering::SeqCst),
+            wait::thread_tag(),
+            "the leader's task drives the refresh from this thread"
+        );
+        let mut follower = Box::pin(m.refresh_if_current(seen));
+        assert!(follower.as_mut().poll(&mut cx).is_pending());
+        drop(leader); // its refresh is handed to the follower
+        assert_eq!(session.driver.load(crate::sync::Ordering::SeqCst), 0);
+
+        open.store(true, std::sync::atomic::Ordering::SeqCst);
+        gate.notify(usize::MAX);
+        assert_eq!(futures::executor::block_on(follower).unwrap().value, 2);
+        assert_eq!(m.stats().refresh_calls, 1, "handed on, not restarted");
     }
 }

@@ -110,6 +110,27 @@ pub(super) fn check_may_wait<E>(session: &Session<E>, wait: Wait) {
     }
 }
 
+/// Held by an async call while it waits on a refresh. When the call ends
+/// (cancelled, or done), this thread may no longer be the one whose task
+/// drives the refresh (a cancelled leader's work is handed to a follower,
+/// possibly on another thread): forget that it was, so that a later
+/// blocking call here is not refused for a refresh it cannot block.
+pub(super) struct Waiting<'a, E>(pub(super) &'a Session<E>);
+
+impl<E> Drop for Waiting<'_, E> {
+    fn drop(&mut self) {
+        // Read first: every call on a valid token ends here, and a shared
+        // read costs nothing where a compare-exchange would take the line.
+        let this = thread_tag();
+        if self.0.driver.load(Ordering::Acquire) == this {
+            let _ = self
+                .0
+                .driver
+                .compare_exchange(this, 0, Ordering::AcqRel, Ordering::Relaxed);
+        }
+    }
+}
+
 /// A credential's refresh work, watched while it is polled: it tells
 /// [`check_may_wait`] which refresh this thread is inside, and which thread's
 /// task is driving it.
