@@ -355,7 +355,7 @@ where
         self.on_key_sign_out(move |()| hook())
     }
 
-    fn the(&self) -> ForKey<'_, T, E, ()> {
+    fn only(&self) -> ForKey<'_, T, E, ()> {
         self.for_key(&())
     }
 
@@ -391,7 +391,7 @@ where
     /// credential's own refresh (see [Blocking twins in async
     /// code](Self#blocking-twins-in-async-code)): it would wait forever.
     pub async fn token(&self) -> Result<Versioned<T>, AuthError<E>> {
-        self.the().token().await
+        self.only().token().await
     }
 
     /// Blocking [`token`](Self::token).
@@ -414,7 +414,7 @@ where
     /// task drives this credential's refresh, which it would never let
     /// finish.
     pub fn token_blocking(&self) -> Result<Versioned<T>, AuthError<E>> {
-        self.the().token_blocking()
+        self.only().token_blocking()
     }
 
     /// Refreshes the token if `seen` is still the current epoch; otherwise
@@ -437,7 +437,7 @@ where
     ///
     /// As [`token`](Self::token).
     pub async fn refresh_if_current(&self, seen: Epoch) -> Result<Versioned<T>, AuthError<E>> {
-        self.the().refresh_if_current(seen).await
+        self.only().refresh_if_current(seen).await
     }
 
     /// Blocking [`refresh_if_current`](Self::refresh_if_current).
@@ -455,7 +455,7 @@ where
     ///
     /// As [`token_blocking`](Self::token_blocking).
     pub fn refresh_if_current_blocking(&self, seen: Epoch) -> Result<Versioned<T>, AuthError<E>> {
-        self.the().refresh_if_current_blocking(seen)
+        self.only().refresh_if_current_blocking(seen)
     }
 
     /// Sends a request with the current token and retries it once after a
@@ -517,7 +517,7 @@ where
         Fut: Future<Output = R>,
         R: Unauthorized,
     {
-        self.the().send(f).await
+        self.only().send(f).await
     }
 
     /// Blocking [`send`](Self::send), for blocking HTTP clients.
@@ -554,7 +554,7 @@ where
         F: FnMut(T) -> R,
         R: Unauthorized,
     {
-        self.the().send_blocking(f)
+        self.only().send_blocking(f)
     }
 
     /// Stores `token` as the current one (after a login) and returns its
@@ -576,34 +576,34 @@ where
     /// assert_eq!(manager.token_blocking().unwrap().epoch, epoch);
     /// ```
     pub fn sign_in(&self, token: T) -> Epoch {
-        self.the().sign_in(token)
+        self.only().sign_in(token)
     }
 
     /// Signs out: drops the token; every call returns
     /// [`AuthError::SignedOut`] at once, without a network call, until
     /// [`sign_in`](Self::sign_in).
     pub fn sign_out(&self) {
-        self.the().sign_out()
+        self.only().sign_out()
     }
 
     /// Whether the session is signed out.
     pub fn is_signed_out(&self) -> bool {
-        self.the().is_signed_out()
+        self.only().is_signed_out()
     }
 
     /// The current token and epoch, without waiting or fetching.
     pub fn current(&self) -> Option<Versioned<T>> {
-        self.the().current()
+        self.only().current()
     }
 
     /// The current epoch ([`Epoch::NONE`] with no token). Cheap.
     pub fn epoch(&self) -> Epoch {
-        self.the().epoch()
+        self.only().epoch()
     }
 
     /// Whether a refresh is in flight.
     pub fn is_refreshing(&self) -> bool {
-        self.the().is_refreshing()
+        self.only().is_refreshing()
     }
 }
 
