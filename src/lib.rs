@@ -29,6 +29,7 @@
 //! The crate is runtime-agnostic: it spawns nothing and has no timers; work
 //! runs while its caller polls it. Async and blocking callers can share a key.
 #![forbid(unsafe_code)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
 #![cfg_attr(loom, allow(dead_code, unreachable_pub))]
 
