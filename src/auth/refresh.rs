@@ -170,6 +170,13 @@ where
             // `sign_out` while the refresh ran, says nothing about the
             // current session.
             let current = !session.is_signed_out() && self.flights.epoch(key) == base;
+            // Counted with the change they describe: whoever sees one sees
+            // the other.
+            match result {
+                Ok(_) => counted(|c| &c.refreshes_succeeded),
+                Err(RefreshError::Transient(_)) => counted(|c| &c.refreshes_failed),
+                Err(RefreshError::Rejected(_)) => counted(|c| &c.refreshes_rejected),
+            }
             let mut removed = None;
             let old_failure = match result {
                 Ok(_) => session.set_failure(None),
@@ -185,11 +192,6 @@ where
             };
             (current, removed, old_failure)
         });
-        match result {
-            Ok(_) => counted(|c| &c.refreshes_succeeded),
-            Err(RefreshError::Transient(_)) => counted(|c| &c.refreshes_failed),
-            Err(RefreshError::Rejected(_)) => counted(|c| &c.refreshes_rejected),
-        }
         let signed_out_now = removed.is_some();
         drop((removed, old_failure));
         if let Some(hook) = &self.on_refresh {
