@@ -36,6 +36,7 @@
 //! life of a flight: its states and transitions), `flight_table`,
 //! `read_cache`, `wakers`, `hashed`, `work`, `spawner`, `epoch`, `sync`.
 #![forbid(unsafe_code)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
 #![cfg_attr(loom, allow(dead_code, unreachable_pub))]
 

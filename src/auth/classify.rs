@@ -12,6 +12,7 @@ use super::Unauthorized;
 /// or return the response as it is. From [`classify`].
 ///
 /// Available with the `http` feature.
+#[cfg_attr(docsrs, doc(cfg(feature = "http")))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Verdict {
     /// The server rejected the token itself (expired, revoked, unknown): a
@@ -76,6 +77,7 @@ impl Verdict {
 /// assert_eq!(classify(unauthorized, &scope), Verdict::Return);
 /// assert_eq!(classify(StatusCode::FORBIDDEN, &expired), Verdict::Return);
 /// ```
+#[cfg_attr(docsrs, doc(cfg(feature = "http")))]
 pub fn classify(status: StatusCode, headers: &HeaderMap) -> Verdict {
     if status != StatusCode::UNAUTHORIZED {
         return Verdict::Return;
@@ -112,6 +114,7 @@ pub fn classify(status: StatusCode, headers: &HeaderMap) -> Verdict {
 ///     .unwrap();
 /// assert_eq!(classify_response(&response), Verdict::Refresh);
 /// ```
+#[cfg_attr(docsrs, doc(cfg(feature = "http")))]
 pub fn classify_response<B>(response: &http::Response<B>) -> Verdict {
     classify(response.status(), response.headers())
 }

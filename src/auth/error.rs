@@ -1,6 +1,7 @@
 //! What a refresh, and a call through the [`TokenManager`](super::TokenManager),
 //! can fail with.
 
+use crate::sync::StdArc as Arc;
 use std::error::Error;
 use std::fmt;
 
@@ -63,6 +64,30 @@ impl<E: fmt::Display> fmt::Display for RefreshError<E> {
 }
 
 impl<E: fmt::Debug + fmt::Display> Error for RefreshError<E> {}
+
+/// Shares a refresher's error: a manager whose error type is `Arc<E>` takes
+/// a refresher that fails with `E`, through `?`. This is how an error that is
+/// not `Clone` (`std::io::Error`, `reqwest::Error`) reaches every caller
+/// waiting on the refresh (see [`TokenManager`](super::TokenManager)).
+///
+/// # Examples
+///
+/// ```
+/// use std::sync::Arc;
+/// use epochflight::auth::RefreshError;
+///
+/// let own: RefreshError<std::io::Error> = RefreshError::Transient(std::io::ErrorKind::TimedOut.into());
+/// let shared: RefreshError<Arc<std::io::Error>> = own.into();
+/// assert_eq!(shared.inner().kind(), std::io::ErrorKind::TimedOut);
+/// ```
+impl<E> From<RefreshError<E>> for RefreshError<Arc<E>> {
+    fn from(error: RefreshError<E>) -> Self {
+        match error {
+            RefreshError::Rejected(e) => RefreshError::Rejected(Arc::new(e)),
+            RefreshError::Transient(e) => RefreshError::Transient(Arc::new(e)),
+        }
+    }
+}
 
 /// Why a [`TokenManager`](super::TokenManager) call produced no response.
 #[non_exhaustive]

@@ -48,6 +48,7 @@ use http::{HeaderMap, HeaderValue};
 /// Tokens { access: "at-1".into(), refresh: "rt-1".into() }.apply(&mut headers);
 /// assert_eq!(headers["authorization"], "Bearer at-1");
 /// ```
+#[cfg_attr(docsrs, doc(cfg(feature = "http")))]
 pub trait Credential {
     /// Puts this credential on a request's headers.
     fn apply(&self, headers: &mut HeaderMap);
@@ -137,6 +138,7 @@ impl<C: Credential + ?Sized> Credential for Arc<C> {
 /// let mut request = http::Request::post("http://auth.example/token").body(()).unwrap();
 /// request.extensions_mut().insert(SkipAuth);
 /// ```
+#[cfg_attr(docsrs, doc(cfg(feature = "http")))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct SkipAuth;
 
@@ -163,6 +165,7 @@ pub struct SkipAuth;
 ///     Some(_) | None => {}
 /// }
 /// ```
+#[cfg_attr(docsrs, doc(cfg(feature = "http")))]
 #[non_exhaustive]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct NotReplayed {
@@ -171,7 +174,7 @@ pub struct NotReplayed {
 }
 
 impl NotReplayed {
-    #[cfg(any(feature = "tower", feature = "reqwest"))]
+    #[cfg(any(feature = "tower", feature = "reqwest", feature = "ureq"))]
     pub(crate) fn new(reason: NotReplayedReason) -> Self {
         Self { reason }
     }
@@ -181,6 +184,7 @@ impl NotReplayed {
 /// again; see [`NotReplayed`].
 ///
 /// Available with the `http` feature.
+#[cfg_attr(docsrs, doc(cfg(feature = "http")))]
 #[non_exhaustive]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum NotReplayedReason {

@@ -7,6 +7,7 @@ use std::borrow::Cow;
 use std::error::Error;
 use std::fmt;
 use std::future::Future;
+use std::hash::Hash;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -17,12 +18,15 @@ use http_body_util::{Either, Empty, Full, StreamBody};
 use tower_layer::Layer;
 use tower_service::Service;
 
+use super::retry::{Attempt, Exchange, Exchanged, exchange};
+use super::wait::Wait;
 use super::{
     AuthError, Credential, NotReplayed, NotReplayedReason, SkipAuth, TokenManager, classify,
 };
 
 type AttachFn<T> = dyn Fn(&T, &mut request::Parts) + Send + Sync;
 type ClassifyFn = dyn Fn(&response::Parts) -> bool + Send + Sync;
+type SelectFn<K> = dyn Fn(&request::Parts) -> K + Send + Sync;
 
 /// A tower [`Layer`] that authorizes every request with the current token of
 /// a [`TokenManager`], and on an unauthorized response refreshes it (only if
@@ -44,6 +48,10 @@ type ClassifyFn = dyn Fn(&response::Parts) -> bool + Send + Sync;
 ///    response to the replay is returned whatever it is.
 ///
 /// A storm of `401`s, late ones included, causes one refresh.
+///
+/// With a keyed [`TokenManager`] (one credential per tenant, scope or
+/// audience), [`keyed`](Self::keyed) picks each request's credential from
+/// its head (a header, the host, an extension your code inserted).
 ///
 /// # Replay
 ///
@@ -108,8 +116,10 @@ type ClassifyFn = dyn Fn(&response::Parts) -> bool + Send + Sync;
 /// assert_eq!((manager.stats().refresh_calls, manager.stats().retries), (1, 1));
 /// # });
 /// ```
-pub struct AuthLayer<T, E, R = ReplayBuffered> {
-    manager: Arc<TokenManager<T, E>>,
+#[cfg_attr(docsrs, doc(cfg(feature = "tower")))]
+pub struct AuthLayer<T, E, R = ReplayBuffered, K = ()> {
+    manager: Arc<TokenManager<T, E, K>>,
+    select: Arc<SelectFn<K>>,
     attach: Arc<AttachFn<T>>,
     classify: Arc<ClassifyFn>,
     replay: R,
@@ -153,8 +163,78 @@ impl<T, E> AuthLayer<T, E> {
     where
         F: Fn(&T, &mut request::Parts) + Send + Sync + 'static,
     {
+        Self::keyed_with_attach(manager, |_: &request::Parts| (), attach)
+    }
+}
+
+impl<T, E, K> AuthLayer<T, E, ReplayBuffered, K> {
+    /// A layer over a keyed manager: `select` picks each request's key from
+    /// its head, and the request is authorized with that key's credential
+    /// (attached with its [`Credential`] impl).
+    ///
+    /// `select` runs once per request, before the request gate. Keys are
+    /// credentials: map request data onto the set of keys you serve rather
+    /// than passing it through unchecked (see [`TokenManager::keyed`]).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::convert::Infallible;
+    /// use std::sync::Arc;
+    /// use epochflight::auth::{AuthLayer, RefreshError, TokenManager};
+    /// use tower::{Layer, ServiceExt};
+    ///
+    /// /// Which tenant a request is for, put there by the caller.
+    /// #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+    /// struct Tenant(u32);
+    ///
+    /// let tenants = Arc::new(TokenManager::keyed(|tenant: Tenant, _stale: Option<String>| async move {
+    ///     Ok::<_, RefreshError<String>>(format!("token-{}", tenant.0))
+    /// }));
+    /// let client = tower::service_fn(|request: http::Request<String>| async move {
+    ///     let authorization = request.headers()["authorization"].to_str().unwrap().to_string();
+    ///     Ok::<_, Infallible>(http::Response::new(authorization))
+    /// });
+    /// let service = AuthLayer::keyed(tenants.clone(), |head: &http::request::Parts| {
+    ///     head.extensions.get::<Tenant>().copied().unwrap_or(Tenant(0))
+    /// })
+    /// .layer(client);
+    ///
+    /// # futures::executor::block_on(async {
+    /// let mut request = http::Request::get("http://api.example/items").body(String::new()).unwrap();
+    /// request.extensions_mut().insert(Tenant(7));
+    /// let response = service.oneshot(request).await.unwrap();
+    /// assert_eq!(response.body(), "Bearer token-7");
+    /// assert_eq!(tenants.for_key(&Tenant(7)).stats().refresh_calls, 1);
+    /// # });
+    /// ```
+    pub fn keyed<F>(manager: Arc<TokenManager<T, E, K>>, select: F) -> Self
+    where
+        T: Credential,
+        F: Fn(&request::Parts) -> K + Send + Sync + 'static,
+    {
+        Self::keyed_with_attach(
+            manager,
+            select,
+            |token: &T, request: &mut request::Parts| token.apply(&mut request.headers),
+        )
+    }
+
+    /// A layer over a keyed manager that picks each request's key with
+    /// `select` (see [`keyed`](Self::keyed)) and attaches its token with
+    /// `attach` (see [`with_attach`](AuthLayer::with_attach)).
+    pub fn keyed_with_attach<F, A>(
+        manager: Arc<TokenManager<T, E, K>>,
+        select: F,
+        attach: A,
+    ) -> Self
+    where
+        F: Fn(&request::Parts) -> K + Send + Sync + 'static,
+        A: Fn(&T, &mut request::Parts) + Send + Sync + 'static,
+    {
         Self {
             manager,
+            select: Arc::new(select),
             attach: Arc::new(attach),
             classify: Arc::new(|head: &response::Parts| {
                 classify(head.status, &head.headers).is_refresh()
@@ -164,7 +244,7 @@ impl<T, E> AuthLayer<T, E> {
     }
 }
 
-impl<T, E, R> AuthLayer<T, E, R> {
+impl<T, E, R, K> AuthLayer<T, E, R, K> {
     /// Never replays: for any body type, including ones this crate cannot
     /// implement [`ReplayBody`] for (tonic's, hyper's `Incoming`, axum's).
     /// An unauthorized response is returned with
@@ -175,7 +255,7 @@ impl<T, E, R> AuthLayer<T, E, R> {
     /// For gRPC, pair it with a classifier: tonic reports `UNAUTHENTICATED`
     /// as `grpc-status: 16` on an HTTP 200, e.g.
     /// `.with_classifier(|head| head.headers.get("grpc-status").is_some_and(|s| s == "16"))`.
-    pub fn never_replay(self) -> AuthLayer<T, E, NeverReplay> {
+    pub fn never_replay(self) -> AuthLayer<T, E, NeverReplay, K> {
         self.replay_policy(NeverReplay)
     }
 
@@ -197,16 +277,17 @@ impl<T, E, R> AuthLayer<T, E, R> {
     /// let layer = AuthLayer::new(manager).replay_with(|body: &Payload| Some(Payload(body.0.clone())));
     /// # let _ = layer;
     /// ```
-    pub fn replay_with<B, F>(self, copy: F) -> AuthLayer<T, E, ReplayWith<F>>
+    pub fn replay_with<B, F>(self, copy: F) -> AuthLayer<T, E, ReplayWith<F>, K>
     where
         F: Fn(&B) -> Option<B> + Send + Sync + 'static,
     {
         self.replay_policy(ReplayWith(Arc::new(copy)))
     }
 
-    fn replay_policy<P>(self, replay: P) -> AuthLayer<T, E, P> {
+    fn replay_policy<P>(self, replay: P) -> AuthLayer<T, E, P, K> {
         AuthLayer {
             manager: self.manager,
+            select: self.select,
             attach: self.attach,
             classify: self.classify,
             replay,
@@ -237,15 +318,16 @@ impl<T, E, R> AuthLayer<T, E, R> {
     }
 
     /// The token manager.
-    pub fn manager(&self) -> &Arc<TokenManager<T, E>> {
+    pub fn manager(&self) -> &Arc<TokenManager<T, E, K>> {
         &self.manager
     }
 }
 
-impl<T, E, R: Clone> Clone for AuthLayer<T, E, R> {
+impl<T, E, R: Clone, K> Clone for AuthLayer<T, E, R, K> {
     fn clone(&self) -> Self {
         Self {
             manager: self.manager.clone(),
+            select: self.select.clone(),
             attach: self.attach.clone(),
             classify: self.classify.clone(),
             replay: self.replay.clone(),
@@ -253,14 +335,14 @@ impl<T, E, R: Clone> Clone for AuthLayer<T, E, R> {
     }
 }
 
-impl<T, E, R> fmt::Debug for AuthLayer<T, E, R> {
+impl<T, E, R, K> fmt::Debug for AuthLayer<T, E, R, K> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AuthLayer").finish_non_exhaustive()
     }
 }
 
-impl<S, T, E, R: Clone> Layer<S> for AuthLayer<T, E, R> {
-    type Service = AuthService<S, T, E, R>;
+impl<S, T, E, R: Clone, K> Layer<S> for AuthLayer<T, E, R, K> {
+    type Service = AuthService<S, T, E, R, K>;
 
     fn layer(&self, inner: S) -> Self::Service {
         AuthService {
@@ -284,12 +366,13 @@ impl<S, T, E, R: Clone> Layer<S> for AuthLayer<T, E, R> {
 /// `tower::buffer::Buffer` are).
 ///
 /// Available with the `tower` feature.
-pub struct AuthService<S, T, E, R = ReplayBuffered> {
+#[cfg_attr(docsrs, doc(cfg(feature = "tower")))]
+pub struct AuthService<S, T, E, R = ReplayBuffered, K = ()> {
     inner: S,
-    config: Arc<AuthLayer<T, E, R>>,
+    config: Arc<AuthLayer<T, E, R, K>>,
 }
 
-impl<S, T, E, R> AuthService<S, T, E, R> {
+impl<S, T, E, R, K> AuthService<S, T, E, R, K> {
     /// The inner service.
     pub fn get_ref(&self) -> &S {
         &self.inner
@@ -306,12 +389,12 @@ impl<S, T, E, R> AuthService<S, T, E, R> {
     }
 
     /// The token manager.
-    pub fn manager(&self) -> &Arc<TokenManager<T, E>> {
+    pub fn manager(&self) -> &Arc<TokenManager<T, E, K>> {
         &self.config.manager
     }
 }
 
-impl<S: Clone, T, E, R> Clone for AuthService<S, T, E, R> {
+impl<S: Clone, T, E, R, K> Clone for AuthService<S, T, E, R, K> {
     fn clone(&self) -> Self {
         Self {
             inner: self.inner.clone(),
@@ -320,7 +403,7 @@ impl<S: Clone, T, E, R> Clone for AuthService<S, T, E, R> {
     }
 }
 
-impl<S: fmt::Debug, T, E, R> fmt::Debug for AuthService<S, T, E, R> {
+impl<S: fmt::Debug, T, E, R, K> fmt::Debug for AuthService<S, T, E, R, K> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AuthService")
             .field("inner", &self.inner)
@@ -328,7 +411,7 @@ impl<S: fmt::Debug, T, E, R> fmt::Debug for AuthService<S, T, E, R> {
     }
 }
 
-impl<S, T, E, R, B, ResBody> Service<Request<B>> for AuthService<S, T, E, R>
+impl<S, T, E, R, K, B, ResBody> Service<Request<B>> for AuthService<S, T, E, R, K>
 where
     S: Service<Request<B>, Response = Response<ResBody>> + Clone + Send + 'static,
     S::Future: Send + 'static,
@@ -338,6 +421,7 @@ where
     ResBody: Send + 'static,
     T: Clone + Send + Sync + 'static,
     E: Clone + Send + Sync + 'static,
+    K: Hash + Eq + Clone + Send + Sync + 'static,
 {
     type Response = Response<ResBody>;
     type Error = ServiceError<S::Error, E>;
@@ -364,11 +448,11 @@ where
     }
 }
 
-/// One request through the layer: gate, attach, send, and on an
-/// unauthorized response, epoch-checked refresh and one replay.
-async fn authorized<S, T, E, R, B, ResBody>(
-    mut inner: S,
-    config: Arc<AuthLayer<T, E, R>>,
+/// One request through the layer: the retry routine with this service as
+/// the client, and the notes an unreplayed response carries.
+async fn authorized<S, T, E, R, K, B, ResBody>(
+    inner: S,
+    config: Arc<AuthLayer<T, E, R, K>>,
     request: Request<B>,
 ) -> Result<Response<ResBody>, ServiceError<S::Error, E>>
 where
@@ -376,66 +460,83 @@ where
     R: Replay<B>,
     T: Clone + Send + Sync + 'static,
     E: Clone + Send + Sync + 'static,
+    K: Hash + Eq + Clone + Send + Sync + 'static,
 {
-    let manager = &config.manager;
-    let token = manager.token().await?;
     let (head, body) = request.into_parts();
+    let key = (config.select)(&head);
     let replay = config
         .replay
         .try_copy(&body)
         .map(|copy| (head.clone(), copy));
-    let first = with_token(&config, &token.value, head, body);
-    std::future::poll_fn(|cx| inner.poll_ready(cx))
-        .await
-        .map_err(ServiceError::Service)?;
-    let (mut head, body) = inner
-        .call(first)
-        .await
-        .map_err(ServiceError::Service)?
-        .into_parts();
-    if !(config.classify)(&head) {
-        return Ok(Response::from_parts(head, body));
-    }
-    let Some((request_head, request_body)) = replay else {
-        // Refresh anyway, so that the caller's own retry uses a new token.
-        // The response is returned whatever that refresh gives: never lost.
-        if let Err(failed) = manager.refresh_if_current(token.epoch).await {
-            head.extensions.insert(failed);
-        }
-        let reason = NotReplayedReason::BodyNotReplayable;
-        head.extensions.insert(NotReplayed::new(reason));
-        return Ok(Response::from_parts(head, body));
+    let mut request = Attempts {
+        inner,
+        config: &config,
+        first: Some((head, body)),
+        replay,
     };
-    // Release the response (and its connection) before waiting.
-    drop((head, body));
-    let fresh = manager.refresh_if_current(token.epoch).await?;
-    std::future::poll_fn(|cx| inner.poll_ready(cx))
-        .await
-        .map_err(ServiceError::Service)?;
-    // Counted once the replay is really sent: not if the service was never
-    // ready for it.
-    manager.count_retry();
-    let second = with_token(&config, &fresh.value, request_head, request_body);
-    let (mut head, body) = inner
-        .call(second)
-        .await
-        .map_err(ServiceError::Service)?
-        .into_parts();
-    if (config.classify)(&head) {
-        let reason = NotReplayedReason::AlreadyReplayed;
+    let credential = config.manager.for_key(&key);
+    let (parts, reason) = match exchange(&credential, &mut request, Wait::Async).await? {
+        Exchanged::Answered(sent) => (sent, None),
+        Exchanged::RefusedTwice(sent) => (sent, Some(NotReplayedReason::AlreadyReplayed)),
+        Exchanged::NotReplayable(sent, failed) => {
+            let sent = sent.map(|(mut head, body)| {
+                if let Some(failed) = failed {
+                    head.extensions.insert(failed);
+                }
+                (head, body)
+            });
+            (sent, Some(NotReplayedReason::BodyNotReplayable))
+        }
+    };
+    let (mut head, body) = parts.map_err(ServiceError::Service)?;
+    if let Some(reason) = reason {
         head.extensions.insert(NotReplayed::new(reason));
     }
     Ok(Response::from_parts(head, body))
 }
 
-fn with_token<T, E, R, B>(
-    config: &AuthLayer<T, E, R>,
-    token: &T,
-    mut head: request::Parts,
-    body: B,
-) -> Request<B> {
-    (config.attach)(token, &mut head);
-    Request::from_parts(head, body)
+/// A request through the layer, as the retry routine sends it: the inner
+/// service, the request as the caller built it, and its copy for a replay.
+struct Attempts<'a, S, T, E, R, K, B> {
+    inner: S,
+    config: &'a AuthLayer<T, E, R, K>,
+    first: Option<(request::Parts, B)>,
+    replay: Option<(request::Parts, B)>,
+}
+
+impl<S, T, E, R, K, B, ResBody> Exchange<T> for Attempts<'_, S, T, E, R, K, B>
+where
+    S: Service<Request<B>, Response = Response<ResBody>>,
+{
+    type Response = (response::Parts, ResBody);
+    type Error = S::Error;
+
+    fn ready(&mut self) -> impl Future<Output = Result<(), S::Error>> {
+        std::future::poll_fn(|cx| self.inner.poll_ready(cx))
+    }
+
+    fn send(
+        &mut self,
+        token: T,
+        attempt: Attempt,
+    ) -> impl Future<Output = Result<Self::Response, S::Error>> {
+        let copy = match attempt {
+            Attempt::First => self.first.take(),
+            Attempt::Replay => self.replay.take(),
+        };
+        let (mut head, body) = copy.expect("each attempt is sent once");
+        (self.config.attach)(&token, &mut head);
+        let response = self.inner.call(Request::from_parts(head, body));
+        async move { Ok(response.await?.into_parts()) }
+    }
+
+    fn is_unauthorized(&self, sent: &Result<Self::Response, S::Error>) -> bool {
+        matches!(sent, Ok((head, _)) if (self.config.classify)(head))
+    }
+
+    fn can_replay(&self) -> bool {
+        self.replay.is_some()
+    }
 }
 
 /// The future of an [`AuthService`] call: the response, or why there is
@@ -451,6 +552,7 @@ fn with_token<T, E, R, B>(
 /// continued by that caller, not sent twice.
 ///
 /// Available with the `tower` feature.
+#[cfg_attr(docsrs, doc(cfg(feature = "tower")))]
 pub struct ResponseFuture<R, X> {
     inner: Pin<Box<dyn Future<Output = Result<R, X>> + Send>>,
 }
@@ -482,6 +584,7 @@ impl<R, X> fmt::Debug for ResponseFuture<R, X> {
 /// Its `Display` and `source` are those of the error it holds.
 ///
 /// Available with the `tower` feature.
+#[cfg_attr(docsrs, doc(cfg(feature = "tower")))]
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ServiceError<S, E> {
     /// No token to send: signed out, or the refresh failed (see
@@ -527,12 +630,14 @@ where
 /// the layer: [`ReplayBuffered`] (the default), [`NeverReplay`]
 /// ([`AuthLayer::never_replay`]) or [`ReplayWith`]
 /// ([`AuthLayer::replay_with`]).
+#[cfg_attr(docsrs, doc(cfg(feature = "tower")))]
 pub trait Replay<B> {
     /// A copy of `body` to send again, or `None` if it cannot be copied.
     fn try_copy(&self, body: &B) -> Option<B>;
 }
 
 /// Replays bodies that implement [`ReplayBody`] (buffered ones); the default.
+#[cfg_attr(docsrs, doc(cfg(feature = "tower")))]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ReplayBuffered;
 
@@ -543,6 +648,7 @@ impl<B: ReplayBody> Replay<B> for ReplayBuffered {
 }
 
 /// Never replays; works with any body type. See [`AuthLayer::never_replay`].
+#[cfg_attr(docsrs, doc(cfg(feature = "tower")))]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct NeverReplay;
 
@@ -553,6 +659,7 @@ impl<B> Replay<B> for NeverReplay {
 }
 
 /// Replays with a function of yours. See [`AuthLayer::replay_with`].
+#[cfg_attr(docsrs, doc(cfg(feature = "tower")))]
 pub struct ReplayWith<F>(Arc<F>);
 
 impl<F> Clone for ReplayWith<F> {
@@ -607,6 +714,7 @@ impl<B, F: Fn(&B) -> Option<B>> Replay<B> for ReplayWith<F> {
 /// }
 /// # let _ = Upload::File("x".into()).try_clone_body();
 /// ```
+#[cfg_attr(docsrs, doc(cfg(feature = "tower")))]
 pub trait ReplayBody: Sized {
     /// A copy of the body, to send again; `None` if it cannot be copied.
     fn try_clone_body(&self) -> Option<Self>;

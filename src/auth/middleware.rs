@@ -3,17 +3,22 @@
 
 use crate::sync::StdArc as Arc;
 use std::fmt;
+use std::future::Future;
+use std::hash::Hash;
 
 use http::Extensions;
 use reqwest::{Request, Response};
 use reqwest_middleware::{Middleware, Next};
 
+use super::retry::{Attempt, Exchange, Exchanged, exchange};
+use super::wait::Wait;
 use super::{
     Credential, NotReplayed, NotReplayedReason, SkipAuth, TokenManager, Unauthorized, classify,
 };
 
 type AttachFn<T> = dyn Fn(&T, &mut Request) + Send + Sync;
 type ClassifyFn = dyn Fn(&Response) -> bool + Send + Sync;
+type SelectFn<K> = dyn Fn(&Request, &Extensions) -> K + Send + Sync;
 
 /// A [`reqwest_middleware::Middleware`] that authorizes every request with
 /// the current token of a [`TokenManager`], and on an unauthorized response
@@ -37,6 +42,11 @@ type ClassifyFn = dyn Fn(&Response) -> bool + Send + Sync;
 ///    response to the replay is returned whatever it is.
 ///
 /// A storm of `401`s, late ones included, causes one refresh.
+///
+/// With a keyed [`TokenManager`] (one credential per tenant, scope or
+/// audience), [`keyed`](Self::keyed) picks each request's credential from the
+/// request and its middleware extensions
+/// (`client.get(url).with_extension(tenant)`).
 ///
 /// # Replay
 ///
@@ -68,8 +78,36 @@ type ClassifyFn = dyn Fn(&Response) -> bool + Send + Sync;
 /// [`TokenManager::token`]), including the refresh after an unauthorized
 /// response (whose response is then dropped), the request fails with
 /// [`reqwest_middleware::Error::Middleware`] holding the
-/// [`AuthError<E>`](super::AuthError): get it back with
-/// `error.downcast_ref::<AuthError<E>>()`.
+/// [`AuthError<E>`](super::AuthError). Match that variant first, then
+/// downcast its `anyhow::Error`:
+///
+/// ```
+/// use std::sync::Arc;
+/// use epochflight::auth::{AuthError, AuthMiddleware, TokenManager};
+///
+/// # futures::executor::block_on(async {
+/// let manager: Arc<TokenManager<String, String>> =
+///     Arc::new(TokenManager::new_blocking(|_| Ok("t".into())));
+/// manager.sign_out();
+/// let client = reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
+///     .with(AuthMiddleware::new(manager))
+///     .build();
+/// // Signed out: the request fails at once, before anything is sent.
+/// let error = client.get("http://api.invalid/items").send().await.unwrap_err();
+/// match &error {
+///     reqwest_middleware::Error::Middleware(inner) => {
+///         match inner.downcast_ref::<AuthError<String>>() {
+///             Some(AuthError::SignedOut) => { /* ask the user to log in again */ }
+///             Some(AuthError::Refresh(failed)) => eprintln!("refresh failed: {failed}"),
+///             Some(_) | None => eprintln!("{inner}"),
+///         }
+///     }
+///     reqwest_middleware::Error::Reqwest(transport) => eprintln!("{transport}"),
+/// }
+/// # assert!(matches!(&error, reqwest_middleware::Error::Middleware(e)
+/// #     if e.downcast_ref::<AuthError<String>>() == Some(&AuthError::SignedOut)));
+/// # });
+/// ```
 ///
 /// # Cancel safety
 ///
@@ -114,8 +152,10 @@ type ClassifyFn = dyn Fn(&Response) -> bool + Send + Sync;
 /// # Ok(())
 /// # }
 /// ```
-pub struct AuthMiddleware<T, E> {
-    manager: Arc<TokenManager<T, E>>,
+#[cfg_attr(docsrs, doc(cfg(feature = "reqwest")))]
+pub struct AuthMiddleware<T, E, K = ()> {
+    manager: Arc<TokenManager<T, E, K>>,
+    select: Arc<SelectFn<K>>,
     attach: Arc<AttachFn<T>>,
     classify: Arc<ClassifyFn>,
 }
@@ -152,8 +192,72 @@ impl<T, E> AuthMiddleware<T, E> {
     where
         F: Fn(&T, &mut Request) + Send + Sync + 'static,
     {
+        Self::keyed_with_attach(manager, |_: &Request, _: &Extensions| (), attach)
+    }
+}
+
+impl<T, E, K> AuthMiddleware<T, E, K> {
+    /// A middleware over a keyed manager: `select` picks each request's key
+    /// from the request and the middleware extensions, and the request is
+    /// authorized with that key's credential (attached with its
+    /// [`Credential`] impl).
+    ///
+    /// `select` runs once per request, before the request gate. Keys are
+    /// credentials: map request data onto the set of keys you serve rather
+    /// than passing it through unchecked (see [`TokenManager::keyed`]).
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// use std::sync::Arc;
+    /// use epochflight::auth::{AuthMiddleware, RefreshError, TokenManager};
+    ///
+    /// #[derive(Clone, Debug, PartialEq, Eq, Hash)]
+    /// struct Tenant(String);
+    ///
+    /// # async fn run() -> Result<(), reqwest_middleware::Error> {
+    /// let tenants = Arc::new(TokenManager::keyed(|tenant: Tenant, _stale: Option<String>| async move {
+    ///     Ok::<_, RefreshError<String>>(format!("token-of-{}", tenant.0)) // this tenant's refresh
+    /// }));
+    /// let client = reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
+    ///     .with(AuthMiddleware::keyed(tenants, |_request, extensions| {
+    ///         extensions.get::<Tenant>().cloned().unwrap_or(Tenant("default".into()))
+    ///     }))
+    ///     .build();
+    /// let response = client
+    ///     .get("https://api.example/items")
+    ///     .with_extension(Tenant("acme".into()))
+    ///     .send()
+    ///     .await?;
+    /// # let _ = response;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn keyed<F>(manager: Arc<TokenManager<T, E, K>>, select: F) -> Self
+    where
+        T: Credential,
+        F: Fn(&Request, &Extensions) -> K + Send + Sync + 'static,
+    {
+        Self::keyed_with_attach(manager, select, |token: &T, request: &mut Request| {
+            token.apply(request.headers_mut())
+        })
+    }
+
+    /// A middleware over a keyed manager that picks each request's key with
+    /// `select` (see [`keyed`](Self::keyed)) and attaches its token with
+    /// `attach` (see [`with_attach`](AuthMiddleware::with_attach)).
+    pub fn keyed_with_attach<F, A>(
+        manager: Arc<TokenManager<T, E, K>>,
+        select: F,
+        attach: A,
+    ) -> Self
+    where
+        F: Fn(&Request, &Extensions) -> K + Send + Sync + 'static,
+        A: Fn(&T, &mut Request) + Send + Sync + 'static,
+    {
         Self {
             manager,
+            select: Arc::new(select),
             attach: Arc::new(attach),
             classify: Arc::new(|response: &Response| {
                 classify(response.status(), response.headers()).is_refresh()
@@ -186,32 +290,34 @@ impl<T, E> AuthMiddleware<T, E> {
     }
 
     /// The token manager.
-    pub fn manager(&self) -> &Arc<TokenManager<T, E>> {
+    pub fn manager(&self) -> &Arc<TokenManager<T, E, K>> {
         &self.manager
     }
 }
 
-impl<T, E> Clone for AuthMiddleware<T, E> {
+impl<T, E, K> Clone for AuthMiddleware<T, E, K> {
     fn clone(&self) -> Self {
         Self {
             manager: self.manager.clone(),
+            select: self.select.clone(),
             attach: self.attach.clone(),
             classify: self.classify.clone(),
         }
     }
 }
 
-impl<T, E> fmt::Debug for AuthMiddleware<T, E> {
+impl<T, E, K> fmt::Debug for AuthMiddleware<T, E, K> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AuthMiddleware").finish_non_exhaustive()
     }
 }
 
 #[async_trait::async_trait]
-impl<T, E> Middleware for AuthMiddleware<T, E>
+impl<T, E, K> Middleware for AuthMiddleware<T, E, K>
 where
     T: Clone + Send + Sync + 'static,
     E: Clone + Send + Sync + fmt::Debug + fmt::Display + 'static,
+    K: Hash + Eq + Clone + Send + Sync + 'static,
 {
     async fn handle(
         &self,
@@ -222,40 +328,75 @@ where
         if extensions.get::<SkipAuth>().is_some() {
             return next.run(request, extensions).await;
         }
-        let auth_error = reqwest_middleware::Error::middleware;
-        let manager = &self.manager;
-        let token = manager.token().await.map_err(auth_error)?;
+        let key = (self.select)(&request, extensions);
         let replay = request.try_clone();
-        let mut first = request;
-        (self.attach)(&token.value, &mut first);
-        let mut response = next.clone().run(first, extensions).await?;
-        if !(self.classify)(&response) {
-            return Ok(response);
-        }
-        let Some(mut second) = replay else {
-            // Refresh anyway, so that the caller's own retry uses a new token.
-            // The response is returned whatever that refresh gives.
-            if let Err(failed) = manager.refresh_if_current(token.epoch).await {
-                response.extensions_mut().insert(failed);
-            }
-            let reason = NotReplayedReason::BodyNotReplayable;
-            response.extensions_mut().insert(NotReplayed::new(reason));
-            return Ok(response);
+        let mut request = Attempts {
+            next,
+            extensions,
+            config: self,
+            first: Some(request),
+            replay,
         };
-        // Release the response (and its connection) before waiting.
-        drop(response);
-        let fresh = manager
-            .refresh_if_current(token.epoch)
+        let credential = self.manager.for_key(&key);
+        let sent = exchange(&credential, &mut request, Wait::Async)
             .await
-            .map_err(auth_error)?;
-        manager.count_retry();
-        (self.attach)(&fresh.value, &mut second);
-        let mut response = next.run(second, extensions).await?;
-        if (self.classify)(&response) {
-            let reason = NotReplayedReason::AlreadyReplayed;
+            .map_err(reqwest_middleware::Error::middleware)?;
+        let (sent, reason) = match sent {
+            Exchanged::Answered(sent) => (sent, None),
+            Exchanged::RefusedTwice(sent) => (sent, Some(NotReplayedReason::AlreadyReplayed)),
+            Exchanged::NotReplayable(sent, failed) => {
+                let sent = sent.map(|mut response| {
+                    if let Some(failed) = failed {
+                        response.extensions_mut().insert(failed);
+                    }
+                    response
+                });
+                (sent, Some(NotReplayedReason::BodyNotReplayable))
+            }
+        };
+        let mut response = sent?;
+        if let Some(reason) = reason {
             response.extensions_mut().insert(NotReplayed::new(reason));
         }
         Ok(response)
+    }
+}
+
+/// A request through the middleware, as the retry routine sends it: the
+/// rest of the chain, the request as the caller built it, and its copy for a
+/// replay.
+struct Attempts<'a, 'n, T, E, K> {
+    next: Next<'n>,
+    extensions: &'a mut Extensions,
+    config: &'a AuthMiddleware<T, E, K>,
+    first: Option<Request>,
+    replay: Option<Request>,
+}
+
+impl<T, E, K> Exchange<T> for Attempts<'_, '_, T, E, K> {
+    type Response = Response;
+    type Error = reqwest_middleware::Error;
+
+    fn send(
+        &mut self,
+        token: T,
+        attempt: Attempt,
+    ) -> impl Future<Output = reqwest_middleware::Result<Response>> {
+        let request = match attempt {
+            Attempt::First => self.first.take(),
+            Attempt::Replay => self.replay.take(),
+        };
+        let mut request = request.expect("each attempt is sent once");
+        (self.config.attach)(&token, &mut request);
+        self.next.clone().run(request, self.extensions)
+    }
+
+    fn is_unauthorized(&self, sent: &reqwest_middleware::Result<Response>) -> bool {
+        matches!(sent, Ok(response) if (self.config.classify)(response))
+    }
+
+    fn can_replay(&self) -> bool {
+        self.replay.is_some()
     }
 }
 

@@ -39,11 +39,37 @@
 //! # });
 //! ```
 //!
-//! For several credentials (one per tenant, say), use
-//! [`SingleFlight`](crate::SingleFlight) directly with one key per credential.
+//! # What is here
+//!
+//! | | |
+//! |---|---|
+//! | [`TokenManager<T, E>`](TokenManager) | one credential: the request gate [`token`](TokenManager::token), [`refresh_if_current`](TokenManager::refresh_if_current), [`send`](TokenManager::send), sign-in and sign-out, cool-down after failures, refresh ahead of expiry, hooks, counters; blocking twins |
+//! | [`TokenManager<T, E, K>`](TokenManager::keyed) | one credential per key (tenant, scope, audience), each with all of the above: [`for_key`](TokenManager::for_key) gives a key's [`ForKey`] |
+//! | [`RefreshError`], [`AuthError`] | what a refresh fails with (`Rejected` ends the session, `Transient` cools down), and what a call fails with; for an error type that is not `Clone`, the manager's error type is `Arc<E>` (see [`TokenManager`]) |
+//! | [`Unauthorized`] | how `send` tells a `401` from a client's answer |
+//! | `AuthLayer` (feature `tower`), `AuthMiddleware` (feature `reqwest`), `UreqAuthMiddleware` (feature `ureq`) | the same routine as `send` for tower services (hyper), reqwest-middleware clients and ureq agents, with a credential per request for a keyed manager |
+//! | `classify`, `Credential`, `SkipAuth`, `NotReplayed` (feature `http`) | which `401`s a refresh can fix, how a token goes on a request, the marker for a refresher's own request, the note on a response that was not sent again |
+//!
+//! Every integration runs one routine: **gate** (wait for a refresh in
+//! flight) → **attach** the token → **send** → **classify** the answer →
+//! **refresh if current** (only if the token used is still the current
+//! one) → **replay once**.
+//!
+//! **A `401` the manager cannot see is never refreshed.** Each integration
+//! says which answers it can see: a client that turns a `401` into an error
+//! must be recognized ([`Unauthorized`]'s impl for `Result` names the ones
+//! that are), and the ureq middleware cannot read the challenge of a `401`
+//! that ureq reported as an error.
 
+use std::any::Any;
+
+mod credential;
 mod error;
 mod manager;
+mod refresh;
+mod retry;
+mod session;
+mod wait;
 
 #[cfg(feature = "http")]
 mod classify;
@@ -55,7 +81,10 @@ mod layer;
 mod middleware;
 #[cfg(feature = "oauth2")]
 pub mod oauth2;
+#[cfg(feature = "ureq")]
+mod ureq_agent;
 
+pub use credential::ForKey;
 pub use error::{AuthError, RefreshError};
 pub use manager::{AuthStats, DEFAULT_COOLDOWN, RefreshEvent, TokenManager};
 
@@ -70,21 +99,69 @@ pub use layer::{
 };
 #[cfg(feature = "reqwest")]
 pub use middleware::AuthMiddleware;
+#[cfg(feature = "ureq")]
+pub use ureq_agent::{AuthAgent, DEFAULT_REPLAY_LIMIT, UreqAuthMiddleware};
 
 /// Tells whether a response means "the credential was not accepted" (HTTP
 /// `401`), the signal for [`TokenManager::send`] to refresh and retry once.
 ///
 /// Implement it for your client's response type (or a wrapper of it).
+///
+/// **A `401` the manager cannot see is never refreshed**: if your client
+/// reports it as an error that is not recognized below, `send` returns it
+/// as a transport error, and nothing refreshes. Either return the response
+/// for a `401`, or wrap the client's result in a type of yours that says
+/// what it is.
 pub trait Unauthorized {
     /// Whether the request was rejected for its credential.
     fn is_unauthorized(&self) -> bool;
 }
 
-/// A transport error is not an authorization failure: `Err` is never retried.
-impl<R: Unauthorized, X> Unauthorized for Result<R, X> {
+/// A client's result: `Ok` answers for itself; `Err` is a transport error,
+/// never retried, **except** an error in which a client reports an HTTP `401`
+/// status:
+///
+/// | client | error counted as unauthorized | feature |
+/// |---|---|---|
+/// | ureq 3 | `ureq::Error::StatusCode(401)` (`http_status_as_error`, ureq's default) | `ureq` |
+/// | reqwest | a `reqwest::Error` whose `status()` is `401` (from `error_for_status`), also inside `reqwest_middleware::Error::Reqwest` | `reqwest` |
+///
+/// Such an error has lost the response's `WWW-Authenticate` header, so every
+/// one of them counts, like a `401` without a challenge (see
+/// `auth::classify`, feature `http`). Without the feature,
+/// the error is a transport error. Other clients' errors are not inspected.
+impl<R: Unauthorized, X: 'static> Unauthorized for Result<R, X> {
     fn is_unauthorized(&self) -> bool {
-        matches!(self, Ok(response) if response.is_unauthorized())
+        match self {
+            Ok(response) => response.is_unauthorized(),
+            Err(error) => status_error_is_unauthorized(error),
+        }
     }
+}
+
+/// Whether a client's error is a `401` status reported as an error. The
+/// type is known when `Result`'s impl is compiled for it: each check is a
+/// comparison of type ids, resolved per error type.
+fn status_error_is_unauthorized(error: &dyn Any) -> bool {
+    #[cfg(feature = "ureq")]
+    if let Some(error) = error.downcast_ref::<::ureq::Error>() {
+        return matches!(error, ::ureq::Error::StatusCode(401));
+    }
+    #[cfg(feature = "reqwest")]
+    {
+        let unauthorized =
+            |error: &::reqwest::Error| error.status() == Some(::reqwest::StatusCode::UNAUTHORIZED);
+        if let Some(error) = error.downcast_ref::<::reqwest::Error>() {
+            return unauthorized(error);
+        }
+        if let Some(::reqwest_middleware::Error::Reqwest(error)) =
+            error.downcast_ref::<::reqwest_middleware::Error>()
+        {
+            return unauthorized(error);
+        }
+    }
+    let _ = error;
+    false
 }
 
 impl<R: Unauthorized + ?Sized> Unauthorized for Box<R> {
