@@ -3,6 +3,7 @@
 use std::fmt;
 use std::future::Future;
 use std::hash::Hash;
+use std::pin::Pin;
 use std::time::{Duration, Instant};
 
 use super::credential::ForKey;
@@ -754,6 +755,59 @@ where
             expires_at: Box::new(expires_at),
             refresh_ahead,
         });
+        self
+    }
+
+    /// Finishes a refresh whose callers all went away on `spawn`, and applies
+    /// its outcome as an awaited one would: a refresh whose request already
+    /// reached the server (which may have rotated the refresh token) always
+    /// lands, even when the only caller timed out.
+    ///
+    /// Without a spawner, a refresh whose every caller is cancelled (a request
+    /// timeout, a `select!`, a dropped connection) is dropped; with rotating
+    /// refresh tokens its response, carrying the new refresh token, is then
+    /// lost, and the next refresh presents a token the server already
+    /// rotated. With one, the new token is stored (the next call uses it, with
+    /// no second refresh), a `Rejected` refresh of the current token signs
+    /// out, a `Transient` one starts the cool-down, and hooks and counters see
+    /// it, as for any refresh. A refresh that never started (its caller was
+    /// cancelled before the first poll) is not spawned.
+    ///
+    /// `spawn` gets a `Send + 'static` future and must run it to completion:
+    /// `tokio::spawn`, `smol::spawn(..).detach()`, a thread with a `block_on`
+    /// (for a refresher that needs no runtime reactor). It is called in the
+    /// drop of the last caller's future, with no lock held. See
+    /// [`SingleFlight::with_spawner`](crate::SingleFlight::with_spawner),
+    /// which this sets on the manager's single flight, for what it keeps
+    /// alive.
+    ///
+    /// # Panics
+    ///
+    /// If a refresh of this manager is still running, which can only be the
+    /// case if a future of this manager's was leaked.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use epochflight::auth::{RefreshError, TokenManager};
+    ///
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let manager: TokenManager<String, String> =
+    ///     TokenManager::new(|_stale| async { Ok("token".to_string()) })
+    ///         .with_spawner(|refresh| {
+    ///             tokio::spawn(refresh);
+    ///         });
+    /// // On smol: `.with_spawner(|refresh| smol::spawn(refresh).detach())`.
+    /// # let _ = manager;
+    /// # });
+    /// ```
+    pub fn with_spawner<F>(mut self, spawn: F) -> Self
+    where
+        F: Fn(Pin<Box<dyn Future<Output = ()> + Send + 'static>>) + Send + Sync + 'static,
+    {
+        let core = self.core_mut();
+        let flights = std::mem::take(&mut core.flights);
+        core.flights = flights.with_spawner(spawn);
         self
     }
 

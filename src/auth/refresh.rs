@@ -79,9 +79,7 @@ impl<T, E, K> Core<T, E, K> {
         sessions: super::session::Sessions<K, E>,
     ) -> Self {
         Self {
-            // TODO(issue 11): `with_spawner`, once the core has it, so that a
-            // refresh whose callers were all cancelled still finishes and is
-            // stored: `TokenManager::with_spawner` forwards it here.
+            // `TokenManager::with_spawner` sets a spawner on it.
             flights: SingleFlight::new(),
             refresher,
             sessions,
