@@ -5,7 +5,6 @@
 
 use std::future::poll_fn;
 use std::mem;
-use std::panic::resume_unwind;
 use std::task::{Context, Poll};
 
 use crate::block_on::block_on;
@@ -133,16 +132,10 @@ where
     }
 
     fn finish(&mut self, result: Result<T, E>) -> Finished<T, E> {
-        // Still `InUserCode`: if publishing panics (a key whose `Eq` panics), the
-        // drop gives the flight up as after a panic in the work.
-        let completed = self.registry.complete(self.id, result);
+        // Finished from here: `complete` commits the flight whatever happens,
+        // and a panic in it (a clone made for this caller) reaches only it.
         self.progress = Progress::Finished;
-        match completed {
-            Ok(finished) => finished,
-            // A clone made for this caller panicked; everyone else has what
-            // they need.
-            Err(panic) => resume_unwind(panic),
-        }
+        self.registry.complete(self.id, result)
     }
 }
 

@@ -302,13 +302,13 @@ impl<T, E> State<T, E> {
     }
 }
 
-thread_local! {
-    /// The flight this thread is polling the work of: the address of its
-    /// map and its id (`(0, 0)`: none).
-    // Not `const { .. }`: loom's `thread_local!` does not take it.
-    #[allow(clippy::missing_const_for_thread_local)]
-    static DRIVING: Cell<(usize, FlightId)> = Cell::new((0, 0));
-}
+// The flight this thread is polling the work of: the address of its map and
+// its id (`(0, 0)`: none). Read and written on every poll of a work, so
+// const-initialised (one plain load); loom's `thread_local!` takes no const.
+#[cfg(not(loom))]
+thread_local!(static DRIVING: Cell<(usize, FlightId)> = const { Cell::new((0, 0)) });
+#[cfg(loom)]
+thread_local!(static DRIVING: Cell<(usize, FlightId)> = Cell::new((0, 0)));
 
 /// Runs `poll` (a poll of flight `id`'s work, in the map at address `map`)
 /// marked as driving it, so that a call made inside on the same key is known

@@ -7,7 +7,6 @@
 //! followers stays valid for as long as they need it: finishing or giving up
 //! a flight finds it without hashing or comparing keys.
 
-use std::mem;
 use std::num::NonZeroU32;
 
 use crate::flight::{Flight, FlightId};
@@ -15,26 +14,27 @@ use crate::hashed::Hashed;
 use crate::sync::Arc;
 
 pub(crate) struct FlightTable<K, T, E> {
-    places: Vec<Place<K, T, E>>,
-    /// The first free place; free places link to the next.
-    free: Option<FlightId>,
-    len: usize,
+    places: Vec<InFlight<K, T, E>>,
+    free: Vec<FlightId>,
 }
 
-enum Place<K, T, E> {
-    Taken(InFlight<K, T, E>),
-    Free(Option<FlightId>),
-}
-
-/// A flight in progress.
+/// A flight in progress, or a free place (no key).
 pub(crate) struct InFlight<K, T, E> {
     /// Its key: its value is stored under it, and a release finds the key's
-    /// entry with it.
-    pub(crate) key: Hashed<K>,
+    /// entry with its hash. `None` for a free place.
+    key: Option<Hashed<K>>,
     /// Still its key's flight: `forget` and `set` cut it loose.
     pub(crate) attached: bool,
     /// The shared state, created by the first follower.
     pub(crate) shared: Option<Arc<Flight<T, E>>>,
+}
+
+/// A flight taken out of the table, to drop once unlocked.
+pub(crate) struct Removed<K, T, E> {
+    pub(crate) key: Hashed<K>,
+    pub(crate) attached: bool,
+    /// Kept only to be dropped once unlocked.
+    _shared: Option<Arc<Flight<T, E>>>,
 }
 
 /// A flight's place as a key's entry marks it: one more than its id.
@@ -50,72 +50,83 @@ pub(crate) fn marked(mark: NonZeroU32) -> FlightId {
     mark.get() as usize - 1
 }
 
+impl<K, T, E> InFlight<K, T, E> {
+    pub(crate) fn key(&self) -> &Hashed<K> {
+        self.key
+            .as_ref()
+            .expect("a flight in the table has its key")
+    }
+}
+
 impl<K, T, E> FlightTable<K, T, E> {
     pub(crate) fn new() -> Self {
         Self {
             places: Vec::new(),
-            free: None,
-            len: 0,
+            free: Vec::new(),
         }
     }
 
     /// Flights in progress, attached or cut loose.
     pub(crate) fn len(&self) -> usize {
-        self.len
+        self.places.len() - self.free.len()
     }
 
     /// Flights in progress that were cut loose.
     pub(crate) fn cut_loose(&self) -> usize {
-        let cut = |place: &Place<K, T, E>| matches!(place, Place::Taken(f) if !f.attached);
-        self.places.iter().filter(|place| cut(place)).count()
+        let cut = |place: &&InFlight<K, T, E>| place.key.is_some() && !place.attached;
+        self.places.iter().filter(cut).count()
     }
 
     /// The flight at `id`, which is in the table.
     pub(crate) fn get(&self, id: FlightId) -> &InFlight<K, T, E> {
-        match &self.places[id] {
-            Place::Taken(flight) => flight,
-            Place::Free(_) => unreachable!("flight {id} left the table while still in use"),
-        }
+        let flight = &self.places[id];
+        debug_assert!(
+            flight.key.is_some(),
+            "flight {id} left the table while still in use"
+        );
+        flight
     }
 
     pub(crate) fn get_mut(&mut self, id: FlightId) -> &mut InFlight<K, T, E> {
-        match &mut self.places[id] {
-            Place::Taken(flight) => flight,
-            Place::Free(_) => unreachable!("flight {id} left the table while still in use"),
-        }
+        let flight = &mut self.places[id];
+        debug_assert!(
+            flight.key.is_some(),
+            "flight {id} left the table while still in use"
+        );
+        flight
     }
 
-    /// Adds an attached flight for `key`.
+    /// Adds an attached flight for `key`. Its fields are written in place: a
+    /// flight built aside and moved in costs a stall on the uncontended path.
     pub(crate) fn lead(&mut self, key: Hashed<K>) -> FlightId {
-        let flight = Place::Taken(InFlight {
-            key,
-            attached: true,
-            shared: None,
-        });
-        self.len += 1;
-        match self.free {
+        match self.free.pop() {
             Some(id) => {
-                let Place::Free(next) = mem::replace(&mut self.places[id], flight) else {
-                    unreachable!("the free list holds free places only");
-                };
-                self.free = next;
+                let place = &mut self.places[id];
+                place.key = Some(key);
+                place.attached = true;
                 id
             }
             None => {
-                self.places.push(flight);
+                self.places.push(InFlight {
+                    key: Some(key),
+                    attached: true,
+                    shared: None,
+                });
                 self.places.len() - 1
             }
         }
     }
 
     /// Takes flight `id` out of the table; the caller drops it once unlocked.
-    pub(crate) fn remove(&mut self, id: FlightId) -> InFlight<K, T, E> {
-        let Place::Taken(flight) = mem::replace(&mut self.places[id], Place::Free(self.free))
-        else {
-            unreachable!("flight {id} removed twice");
-        };
-        self.free = Some(id);
-        self.len -= 1;
-        flight
+    pub(crate) fn remove(&mut self, id: FlightId) -> Removed<K, T, E> {
+        let place = &mut self.places[id];
+        let key = place.key.take().expect("a flight leaves the table once");
+        let shared = place.shared.take();
+        self.free.push(id);
+        Removed {
+            key,
+            attached: place.attached,
+            _shared: shared,
+        }
     }
 }

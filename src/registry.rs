@@ -23,7 +23,7 @@ use std::borrow::Borrow;
 use std::collections::HashSet;
 use std::fmt;
 use std::hash::{BuildHasher, Hash};
-use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
 
 use crate::epoch::{Epoch, Stamp, Stamped, Versioned};
 use crate::flight::{self, Finished, Flight, FlightId, Unattended, WaitKind};
@@ -31,7 +31,7 @@ use crate::flight_table::{FlightTable, mark, marked};
 use crate::hashed::{BuildPassThrough, ByMark, Entry, Hashed, Probe, fold, lookup};
 use crate::read_cache::{Cached, ReadCache};
 use crate::spawner::Spawner;
-use crate::sync::{Arc, Mutex, StdArc};
+use crate::sync::{Arc, Mutex, MutexGuard, StdArc};
 use crate::wakers::Registration;
 use crate::work::Work;
 
@@ -71,28 +71,44 @@ impl<K, T, E> Map<K, T, E> {
     }
 }
 
-/// The entry that marks attached flight `id`, found by mark (no user code).
-fn marked_entry<K: Eq, T, E>(map: &Map<K, T, E>, id: FlightId) -> (&Entry<K, T>, ByMark) {
+/// The entry that marks flight `id`, whose key hashes to `hash`: found by
+/// mark, running no user code.
+fn entry_marking<K: Eq, T>(
+    entries: &HashSet<Entry<K, T>, BuildPassThrough>,
+    hash: u32,
+    id: FlightId,
+) -> &Entry<K, T> {
     let probe = ByMark {
-        hash: map.flights.get(id).key.hash,
+        hash,
         flight: mark(id),
     };
-    let entry = map.entries.get(lookup::<K, _>(&probe));
-    (
-        entry.expect("an attached flight's key has an entry that marks it"),
-        probe,
-    )
+    let entry = entries.get(lookup::<K, _>(&probe));
+    entry.expect("an attached flight's key has an entry that marks it")
 }
 
 /// Takes flight `id`'s mark off its key's entry, and the entry out of the
 /// map if it holds no value.
-fn unmark<K: Eq, T, E>(map: &mut Map<K, T, E>, id: FlightId) {
-    let (entry, probe) = marked_entry(map, id);
+fn unmark_entry<K: Eq, T>(
+    entries: &mut HashSet<Entry<K, T>, BuildPassThrough>,
+    hash: u32,
+    id: FlightId,
+) {
+    let entry = entry_marking(entries, hash, id);
     if entry.value(|value| value.is_some()) {
         entry.flight.set(None);
     } else {
-        map.entries.remove(lookup::<K, _>(&probe));
+        let probe = ByMark {
+            hash,
+            flight: mark(id),
+        };
+        entries.remove(lookup::<K, _>(&probe));
     }
+}
+
+/// [`unmark_entry`] for a flight still in the table (what `release` calls).
+fn unmark<K: Eq, T, E>(map: &mut Map<K, T, E>, id: FlightId) {
+    let hash = map.flights.get(id).key().hash;
+    unmark_entry(&mut map.entries, hash, id);
 }
 
 /// Work whose callers all went away, on its way to the spawner. The task
@@ -490,67 +506,102 @@ where
 {
     /// Flight `id`'s driver finished with `result`: store it if the flight is
     /// still its key's and it is `Ok` (with a new epoch), publish it to the
-    /// followers, and take the flight out of the table. Finds the key's entry
-    /// by mark: runs no user code under the lock but the clones of [`Copies`].
+    /// followers, take the flight out of the table, and return the driver's
+    /// copy. The driver counts as finished from this call on: whatever
+    /// happens, the flight is committed.
     ///
-    /// A panicking `T::clone` or `E::clone` reaches only the driver's caller
-    /// (`Err(panic)`, once everything is published): see [`Copies`].
-    pub(crate) fn complete(
+    /// User code runs only once the flight is committed, so that a panic in
+    /// it reaches only the driver's caller: the clone of the driver's own copy
+    /// (last, under the lock) and the drop of a replaced value (unlocked). The
+    /// followers' copy is needed before: with followers, a panic in a clone is
+    /// caught and handled by [`Copies`]. The key's entry is found by mark: no
+    /// `K::eq`.
+    pub(crate) fn complete(&self, id: FlightId, result: Result<T, E>) -> Finished<T, E>
+    where
+        E: Clone,
+    {
+        let mut map = self.map.lock();
+        let stamp = map.next_stamp();
+        if map.flights.get(id).shared.is_some() {
+            return self.complete_followed(map, id, stamp, result);
+        }
+        // Nobody follows: the original is stored, the driver's copy cloned last.
+        let flight = map.flights.remove(id);
+        let (hash, mut replaced) = (flight.key.hash, None);
+        let own = match result {
+            Ok(value) if flight.attached => {
+                self.reads.changed();
+                let entry = entry_marking(&map.entries, hash, id);
+                entry.flight.set(None);
+                replaced = entry.replace_value(Some(Stamped { value, stamp }));
+                Ok(entry.value(|stored| stored.expect("just stored").value.clone()))
+            }
+            unstored => {
+                if flight.attached {
+                    self.reads.changed();
+                    unmark_entry(&mut map.entries, hash, id);
+                }
+                unstored
+            }
+        };
+        drop(map);
+        drop((flight, replaced));
+        own.map(|value| (value, stamp))
+    }
+
+    /// [`complete`](Self::complete) for a flight with followers, whose copy of
+    /// the result is made before anything changes.
+    fn complete_followed(
         &self,
+        mut map: MutexGuard<'_, Map<K, T, E>>,
         id: FlightId,
+        stamp: Stamp,
         result: Result<T, E>,
-    ) -> Result<Finished<T, E>, Panic>
+    ) -> Finished<T, E>
     where
         E: Clone,
     {
         let mut copies = Copies::new(result);
-        let mut map = self.map.lock();
-        let stamp = map.next_stamp();
         let flight = map.flights.get(id);
-        let (attached, followed) = (flight.attached, flight.shared.is_some());
+        let (attached, hash) = (flight.attached, flight.key().hash);
         let stored = (attached && copies.succeeded()).then(|| Stamped {
             value: copies.take_for_store(),
             stamp,
         });
-        let published =
-            followed.then(|| copies.take_for_followers(stored.as_ref().map(|s| &s.value)));
+        let published = copies.take_for_followers(stored.as_ref().map(|s| &s.value));
         let mut replaced = None;
         if attached {
             self.reads.changed();
             match stored {
                 Some(stored) => {
-                    let (entry, _) = marked_entry(&map, id);
+                    let entry = entry_marking(&map.entries, hash, id);
                     entry.flight.set(None);
                     replaced = entry.replace_value(Some(stored));
                 }
-                // Failed: nothing is stored; an entry left with no value goes.
-                None => unmark(&mut map, id),
+                None => unmark_entry(&mut map.entries, hash, id),
             }
         }
-        let flights = &mut map.flights;
-        let (wake, removed) = match (&flights.get(id).shared, published) {
+        let shared = map.flights.get(id).shared.clone().expect("followed");
+        let (wake, removed) = match published {
+            Some(result) => {
+                let wake = shared.publish(result.map(|value| (value, stamp)));
+                (Some(wake), Some(map.flights.remove(id)))
+            }
             // Both copies panicked and the original is stored: the heirs
             // take the flight over as after a panic, and find the stored
             // value (see `SingleFlight`'s `# Panics`).
-            (Some(shared), Some(None)) => match shared.hand_off(None) {
+            None => match shared.hand_off(None) {
                 Ok(wake) => (Some(wake), None),
-                Err(_) => (None, Some(flights.remove(id))),
+                Err(_) => (None, Some(map.flights.remove(id))),
             },
-            (Some(shared), Some(Some(result))) => {
-                let wake = shared.publish(result.map(|value| (value, stamp)));
-                (Some(wake), Some(flights.remove(id)))
-            }
-            _ => (None, Some(flights.remove(id))),
         };
         drop(map);
-        drop(wake);
-        // The replaced value's drop is user code that may panic: caught, so
-        // that the driver marks itself finished before the panic goes on.
-        let dropped = catch_unwind(AssertUnwindSafe(|| drop((removed, replaced))));
-        let returned = copies.into_own();
-        match dropped {
-            Ok(()) => returned.map(|result| result.map(|value| (value, stamp))),
-            Err(panic) => Err(panic),
+        drop((wake, shared, removed, replaced));
+        match copies.into_own() {
+            Ok(own) => own.map(|value| (value, stamp)),
+            // A clone made for this caller panicked; everyone else has what
+            // they need.
+            Err(panic) => resume_unwind(panic),
         }
     }
 
@@ -558,7 +609,7 @@ where
     /// would reuse now (a `set` may have stored one since it joined; I3).
     pub(crate) fn reusable(&self, id: FlightId, mode: Mode) -> Option<Versioned<T>> {
         let map = self.map.lock();
-        let key = &map.flights.get(id).key;
+        let key = map.flights.get(id).key();
         let entry = map.entries.get(lookup::<K, _>(key))?;
         // The vacancy is this caller's: no other flight is in progress.
         entry.value(|stored| {

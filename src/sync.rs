@@ -7,7 +7,7 @@
 //! blocking.
 
 #[cfg(not(loom))]
-pub(crate) use parking_lot::Mutex;
+pub(crate) use parking_lot::{Mutex, MutexGuard};
 #[cfg(not(loom))]
 pub(crate) use std::sync::Arc;
 #[cfg(not(loom))]
@@ -26,7 +26,7 @@ pub(crate) use loom::thread;
 #[cfg(loom)]
 pub(crate) use loom::thread_local;
 #[cfg(loom)]
-pub(crate) use mocked::Mutex;
+pub(crate) use mocked::{Mutex, MutexGuard};
 
 #[cfg(loom)]
 mod mocked {
