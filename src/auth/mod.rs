@@ -42,6 +42,7 @@
 //! For several credentials (one per tenant, say), use
 //! [`SingleFlight`](crate::SingleFlight) directly with one key per credential.
 
+pub mod coord;
 mod error;
 mod manager;
 
