@@ -128,7 +128,9 @@ pub struct Claim<T> {
     pub(crate) expires_at: Option<Instant>,
     pub(crate) lease_ends: Instant,
     pub(crate) grace_reclaim: bool,
-    /// The file store's claim lock: held until the claim is finished.
+    /// The file store's claim lock: held (never read) until the claim is
+    /// finished, released by its drop.
+    #[allow(dead_code)]
     pub(crate) guard: Option<HolderGuard>,
 }
 

@@ -198,6 +198,7 @@ pub(crate) enum Op {
     },
 }
 
+#[cfg_attr(not(feature = "redis"), allow(dead_code))]
 impl Op {
     /// The name the Lua script dispatches on (`ARGV[1]`).
     pub(crate) fn name(&self) -> &'static str {
@@ -237,6 +238,7 @@ pub(crate) enum Verdict {
     Exists,
 }
 
+#[cfg_attr(not(feature = "redis"), allow(dead_code))]
 impl Verdict {
     pub(crate) fn as_str(self) -> &'static str {
         match self {
@@ -374,12 +376,17 @@ pub(crate) fn transition(
         } => match holds(*generation, *owner) {
             Err(verdict) => (verdict, None),
             Ok(()) => {
-                let state = if *cooldown_ms == 0 {
-                    Stored::Ready
-                } else {
-                    Stored::Cooling {
+                let state = match cur.state {
+                    // The grace re-claim presented a refresh token the server
+                    // had seen already: no attempt after it (lost at once).
+                    Stored::Sending(h) if h.grace_reclaim => Stored::Sending(Holder {
+                        lease_until: now,
+                        ..h
+                    }),
+                    _ if *cooldown_ms == 0 => Stored::Ready,
+                    _ => Stored::Cooling {
                         until: now.saturating_add(*cooldown_ms),
-                    }
+                    },
                 };
                 (
                     Verdict::Done,
@@ -668,6 +675,21 @@ mod tests {
         // b's lease runs out too: no second grace.
         assert_eq!(step(&mut r, &claim(0, c, 5_000), 2_600), Verdict::Lost);
         assert_eq!(step(&mut r, &commit(0, b), 2_700), Verdict::Done);
+    }
+
+    #[test]
+    fn a_failed_grace_reclaim_is_lost_at_once() {
+        let (a, b, c) = (Owner::new(), Owner::new(), Owner::new());
+        let mut r = None;
+        step(&mut r, &claim(0, a, 5_000), 0);
+        assert_eq!(step(&mut r, &claim(0, b, 5_000), 1_500), Verdict::Claimed { grace: true });
+        let transient = Op::Transient {
+            generation: 0,
+            owner: b,
+            cooldown_ms: 0,
+        };
+        assert_eq!(step(&mut r, &transient, 1_600), Verdict::Done);
+        assert_eq!(step(&mut r, &claim(0, c, 5_000), 1_600), Verdict::Lost);
     }
 
     #[test]
