@@ -143,7 +143,7 @@ mod store;
 #[cfg(all(feature = "file-coordination", unix))]
 mod file;
 #[cfg(feature = "redis")]
-mod redis;
+mod redis_store;
 
 pub use codec::{BytesCodec, FnCodec, TokenCodec, Utf8Codec, codec_fn};
 pub use config::CoordConfig;
@@ -157,4 +157,4 @@ pub use store::Store;
 #[cfg(all(feature = "file-coordination", unix))]
 pub use file::FileStore;
 #[cfg(feature = "redis")]
-pub use redis::{RedisConfig, RedisStore};
+pub use redis_store::{RedisConfig, RedisStore};

@@ -325,6 +325,10 @@ pub(crate) fn transition(
             };
             match cur.effective(now, holder_alive) {
                 Effective::Ready => (Verdict::Claimed { grace: false }, Some(sending(false))),
+                // The same claim again (a retry whose first reply was lost).
+                Effective::Sending(h) if h.owner == *owner => {
+                    (Verdict::Claimed { grace: h.grace_reclaim }, None)
+                }
                 Effective::Sending(_) => (Verdict::Busy, None),
                 Effective::Cooling { .. } => (Verdict::Cooling, None),
                 Effective::SignedOut => (Verdict::SignedOut, None),
@@ -468,7 +472,7 @@ pub(crate) const FIELDS: [&str; 10] = ["v", "g", "st", "tok", "exp", "own", "at"
 const VERSION: &[u8] = b"1";
 
 /// A field name as a static string, for error messages.
-fn field_name(name: &[u8]) -> &'static str {
+pub(crate) fn field_name(name: &[u8]) -> &'static str {
     FIELDS
         .into_iter()
         .find(|f| f.as_bytes() == name)
@@ -633,6 +637,8 @@ mod tests {
         let mut r = None;
         assert_eq!(step(&mut r, &claim(0, a, 0), 10), Verdict::Claimed { grace: false });
         assert_eq!(step(&mut r, &claim(0, b, 0), 11), Verdict::Busy);
+        // A retried claim is the same claim, written once.
+        assert_eq!(transition(r.as_ref(), &claim(0, a, 0), 11, true), (Verdict::Claimed { grace: false }, None));
         assert_eq!(step(&mut r, &commit(0, b), 12), Verdict::Fenced);
         assert_eq!(step(&mut r, &commit(0, a), 13), Verdict::Done);
         let rec = r.clone().unwrap();
