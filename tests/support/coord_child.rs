@@ -77,8 +77,9 @@ impl ChildProc {
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
-                if let Some(answer) = line.strip_prefix("@@ ") {
-                    if tx.send(answer.to_owned()).is_err() {
+                // libtest may have started the line ("test name ... ").
+                if let Some(at) = line.find("@@ ") {
+                    if tx.send(line[at + 3..].to_owned()).is_err() {
                         break;
                     }
                 }
@@ -188,7 +189,7 @@ pub fn child_main() {
             .build()
             .expect("tokio runtime")
     });
-    println!("@@ ready");
+    println!("\n@@ ready");
     for line in std::io::stdin().lock().lines() {
         let Ok(line) = line else { break };
         if line == "exit" {
