@@ -602,7 +602,7 @@ fn secrets_stay_out_of_the_store_and_of_debug_output() {
         .cmd(&[b"CONFIG", b"SET", b"requirepass", password.as_bytes()])
         .unwrap();
     let url = format!("redis://:{password}@127.0.0.1:{}/", server.port());
-    let xor = |bytes: &[u8]| bytes.iter().map(|b| b ^ 0x5a).collect::<Vec<u8>>();
+    let xor = |bytes: &[u8]| bytes.iter().map(|b| b ^ 0xa5).collect::<Vec<u8>>();
     let codec = codec_fn(
         move |t: &String| Ok(xor(t.as_bytes())),
         move |b: &[u8]| String::from_utf8(xor(b)).map_err(|_| CodecError::new("bad key")),
@@ -634,12 +634,16 @@ fn secrets_stay_out_of_the_store_and_of_debug_output() {
         .credential("api")
         .unwrap();
     let codec_error = plain.read_blocking();
+    assert!(matches!(codec_error, Err(CoordError::Codec(_))), "{codec_error:?}");
     output.push(format!("{codec_error:?}"));
-    server.cmd(&[b"DEL", b"{test:api}:rec"]).unwrap();
+    let mut admin = redis::Client::open(url.as_str()).unwrap().get_connection().unwrap();
+    redis::cmd("DEL").arg("{test:api}:rec").query::<()>(&mut admin).unwrap();
     let stale = cred.read_blocking();
+    assert!(matches!(stale, Err(CoordError::GenerationWentBack { .. })), "{stale:?}");
     output.push(format!("{stale:?}"));
     server.kill();
     let down = cred.sign_in_blocking(&"SECRET-while-down".into(), None);
+    assert!(matches!(down, Err(CoordError::Unavailable { .. })), "{down:?}");
     output.push(format!("{down:?}"));
     for error in [codec_error.err(), stale.err(), down.err()].into_iter().flatten() {
         output.push(error.to_string());
