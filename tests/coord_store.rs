@@ -115,7 +115,10 @@ fn race(fx: Fixture) {
         .map(|i| fx.child(LONG, Duration::ZERO, modes[i % 3]))
         .collect();
     let seed = fx.handle(LONG);
-    let first = seed.sign_in_blocking(&"tok-seed".into(), None).unwrap().generation;
+    let first = seed
+        .sign_in_blocking(&"tok-seed".into(), None)
+        .unwrap()
+        .generation;
     for round in 0..5u64 {
         let g = first.get() + round;
         let before: Vec<u64> = children
@@ -170,17 +173,29 @@ fn race_one_winner_per_generation_redis() {
 fn fencing(fx: Fixture) {
     let mut a = fx.child(LONG, Duration::ZERO, Mode::Tokio);
     let other = fx.handle(LONG);
-    let g = other.sign_in_blocking(&"t1".into(), None).unwrap().generation;
-    assert_eq!(a.ask(&format!("claim {}", g.get())), format!("claimed g={} token=t1 grace=0", g.get()));
+    let g = other
+        .sign_in_blocking(&"t1".into(), None)
+        .unwrap()
+        .generation;
+    assert_eq!(
+        a.ask(&format!("claim {}", g.get())),
+        format!("claimed g={} token=t1 grace=0", g.get())
+    );
     let signed_in = other.sign_in_blocking(&"t-new".into(), None).unwrap();
     assert!(signed_in.generation > g);
     assert_eq!(a.ask("commit stale-write"), "err fenced");
     let now = other.read_blocking().unwrap();
-    assert_eq!((now.generation, now.token.as_deref()), (signed_in.generation, Some("t-new")));
+    assert_eq!(
+        (now.generation, now.token.as_deref()),
+        (signed_in.generation, Some("t-new"))
+    );
     // A claim of the old generation is answered with the new one.
     assert_eq!(
         a.ask(&format!("claim {}", g.get())),
-        format!("newer g={} state=ready token=t-new", signed_in.generation.get())
+        format!(
+            "newer g={} state=ready token=t-new",
+            signed_in.generation.get()
+        )
     );
 }
 
@@ -203,7 +218,11 @@ fn holder_killed(fx: Fixture, lease: Duration) {
     let mut a = fx.child(lease, Duration::ZERO, Mode::Blocking);
     let mut b = fx.child(lease, Duration::ZERO, Mode::Smol);
     let handle = fx.handle(lease);
-    let g = handle.sign_in_blocking(&"t1".into(), None).unwrap().generation.get();
+    let g = handle
+        .sign_in_blocking(&"t1".into(), None)
+        .unwrap()
+        .generation
+        .get();
     let claimed_at = Instant::now();
     assert!(a.ask(&format!("claim {g}")).starts_with("claimed"));
     assert_eq!(b.ask(&format!("claim {g}")), "busy");
@@ -213,16 +232,26 @@ fn holder_killed(fx: Fixture, lease: Duration) {
     assert_eq!(b.recv(), format!("g={g} state=lost token=-"));
     if fx.is_file() {
         let after_kill = killed_at.elapsed();
-        assert!(after_kill < lease / 2, "file store saw the dead holder after {after_kill:?}");
+        assert!(
+            after_kill < lease / 2,
+            "file store saw the dead holder after {after_kill:?}"
+        );
         // The lock is free at once: a claim answers `lost` without waiting.
         assert_eq!(b.ask(&format!("claim {g}")), "err lost");
     } else {
         let waited = claimed_at.elapsed();
-        assert!(waited <= lease + Duration::from_secs(2), "lost after {waited:?}");
+        assert!(
+            waited <= lease + Duration::from_secs(2),
+            "lost after {waited:?}"
+        );
         assert_eq!(b.ask(&format!("claim {g}")), "err lost");
     }
     // `sign_in` brings the credential back.
-    let back = handle.sign_in_blocking(&"t2".into(), None).unwrap().generation.get();
+    let back = handle
+        .sign_in_blocking(&"t2".into(), None)
+        .unwrap()
+        .generation
+        .get();
     assert!(b.ask(&format!("claim {back}")).starts_with("claimed"));
     assert_eq!(b.ask("commit t3"), format!("committed {}", back + 1));
 }
@@ -244,7 +273,11 @@ fn late_commit(fx: Fixture) {
     let mut a = fx.child(lease, Duration::ZERO, Mode::Tokio);
     let mut b = fx.child(lease, Duration::ZERO, Mode::Blocking);
     let handle = fx.handle(lease);
-    let g = handle.sign_in_blocking(&"t1".into(), None).unwrap().generation.get();
+    let g = handle
+        .sign_in_blocking(&"t1".into(), None)
+        .unwrap()
+        .generation
+        .get();
     assert!(a.ask(&format!("claim {g}")).starts_with("claimed"));
     assert_eq!(b.ask(&format!("claim {g}")), "busy");
     // Bounded by the lease: returns when it ends, without a commit.
@@ -272,7 +305,11 @@ fn grace(fx: Fixture) {
     let mut b = fx.child(lease, grace, Mode::Tokio);
     let mut c = fx.child(lease, grace, Mode::Smol);
     let handle = fx.handle(lease);
-    let g = handle.sign_in_blocking(&"t1".into(), None).unwrap().generation.get();
+    let g = handle
+        .sign_in_blocking(&"t1".into(), None)
+        .unwrap()
+        .generation
+        .get();
     assert!(a.ask(&format!("claim {g}")).starts_with("claimed"));
     a.kill();
     // Redis sees the holder gone at its lease's end: wait for that.
@@ -294,10 +331,16 @@ fn grace(fx: Fixture) {
     assert!(old.ask(&format!("claim {g}")).starts_with("claimed"));
     assert_eq!(c.ask(&format!("claim {g}")), "busy");
     assert_eq!(c.ask("wait 30000"), format!("g={g} state=lost token=-"));
-    assert_eq!(c.ask(&format!("claim {g}")), format!("claimed g={g} token=t2 grace=1"));
+    assert_eq!(
+        c.ask(&format!("claim {g}")),
+        format!("claimed g={g} token=t2 grace=1")
+    );
     assert_eq!(old.ask("commit from-old"), "err fenced");
     assert_eq!(c.ask("commit from-c"), format!("committed {}", g + 1));
-    assert_eq!(b.ask("read"), format!("g={} state=ready token=from-c", g + 1));
+    assert_eq!(
+        b.ask("read"),
+        format!("g={} state=ready token=from-c", g + 1)
+    );
 }
 
 #[test]
@@ -315,15 +358,32 @@ fn reject_and_cooldown(fx: Fixture) {
     let mut a = fx.child(LONG, Duration::ZERO, Mode::Smol);
     let mut b = fx.child(LONG, Duration::ZERO, Mode::Blocking);
     let handle = fx.handle(LONG);
-    let g = handle.sign_in_blocking(&"t1".into(), None).unwrap().generation.get();
+    let g = handle
+        .sign_in_blocking(&"t1".into(), None)
+        .unwrap()
+        .generation
+        .get();
     assert!(a.ask(&format!("claim {g}")).starts_with("claimed"));
-    assert_eq!(a.ask("transient 60000"), format!("g={g} state=cooling token=t1"));
+    assert_eq!(
+        a.ask("transient 60000"),
+        format!("g={g} state=cooling token=t1")
+    );
     assert_eq!(b.ask(&format!("claim {g}")), "err cooling");
-    let g = handle.sign_in_blocking(&"t2".into(), None).unwrap().generation.get();
+    let g = handle
+        .sign_in_blocking(&"t2".into(), None)
+        .unwrap()
+        .generation
+        .get();
     assert!(b.ask(&format!("claim {g}")).starts_with("claimed"));
-    assert_eq!(b.ask("reject"), format!("g={} state=signed_out token=-", g + 1));
+    assert_eq!(
+        b.ask("reject"),
+        format!("g={} state=signed_out token=-", g + 1)
+    );
     assert_eq!(a.ask(&format!("claim {}", g + 1)), "err signed_out");
-    assert_eq!(a.ask("read"), format!("g={} state=signed_out token=-", g + 1));
+    assert_eq!(
+        a.ask("read"),
+        format!("g={} state=signed_out token=-", g + 1)
+    );
 }
 
 #[test]
@@ -347,18 +407,34 @@ fn redis_outage_and_restart() {
     let lease = Duration::from_secs(10);
     let holder = fx.handle(lease);
     let other = fx.handle(lease);
-    let g = holder.sign_in_blocking(&"t1".into(), None).unwrap().generation;
+    let g = holder
+        .sign_in_blocking(&"t1".into(), None)
+        .unwrap()
+        .generation;
     let ClaimOutcome::Claimed(claim) = holder.claim_blocking(g).unwrap() else {
         panic!("not claimed")
     };
     fx.redis_server().kill();
 
     let started = Instant::now();
-    assert!(matches!(other.read_blocking(), Err(CoordError::Unavailable { .. })));
-    assert!(matches!(other.claim_blocking(g), Err(CoordError::Unavailable { .. })));
+    assert!(matches!(
+        other.read_blocking(),
+        Err(CoordError::Unavailable { .. })
+    ));
+    assert!(matches!(
+        other.claim_blocking(g),
+        Err(CoordError::Unavailable { .. })
+    ));
     let async_read = futures::executor::block_on(other.read());
-    assert!(matches!(async_read, Err(CoordError::Unavailable { .. })), "{async_read:?}");
-    assert!(started.elapsed() < Duration::from_secs(2), "not fast: {:?}", started.elapsed());
+    assert!(
+        matches!(async_read, Err(CoordError::Unavailable { .. })),
+        "{async_read:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "not fast: {:?}",
+        started.elapsed()
+    );
     // The refresh happened (the server rotated): keep it.
     let committed = holder.commit_blocking(claim, &"t2".into(), None).unwrap();
     assert_eq!(committed, Committed::Pending(Generation::new(g.get() + 1)));
@@ -369,15 +445,27 @@ fn redis_outage_and_restart() {
     // Intact: still generation g, claimed by the holder.
     let during = other.read_blocking().unwrap();
     assert_eq!(during.generation, g);
-    assert!(matches!(during.state, epochflight::auth::coord::SharedState::Sending { .. }));
+    assert!(matches!(
+        during.state,
+        epochflight::auth::coord::SharedState::Sending { .. }
+    ));
     // The holder's next call sends its commit first.
     let after = holder.read_blocking().unwrap();
-    assert_eq!((after.generation.get(), after.token.as_deref()), (g.get() + 1, Some("t2")));
+    assert_eq!(
+        (after.generation.get(), after.token.as_deref()),
+        (g.get() + 1, Some("t2"))
+    );
     assert!(!holder.has_pending_commit());
     let seen = other.read_blocking().unwrap();
-    assert_eq!((seen.generation.get(), seen.token.as_deref()), (g.get() + 1, Some("t2")));
+    assert_eq!(
+        (seen.generation.get(), seen.token.as_deref()),
+        (g.get() + 1, Some("t2"))
+    );
     // And the next refresh claims normally.
-    assert!(matches!(other.claim_blocking(seen.generation).unwrap(), ClaimOutcome::Claimed(_)));
+    assert!(matches!(
+        other.claim_blocking(seen.generation).unwrap(),
+        ClaimOutcome::Claimed(_)
+    ));
 }
 
 // ------------------------------------------------------------ bad input
@@ -402,25 +490,67 @@ fn redis_bad_records_are_typed_errors_and_left_alone() {
 
     server.cmd(&[b"SET", rec, b"not a hash"]).unwrap();
     expect_corrupt(handle.read_blocking(), Corruption::WrongType);
-    expect_corrupt(handle.claim_blocking(Generation::INITIAL), Corruption::WrongType);
-    expect_corrupt(handle.sign_in_blocking(&"t".into(), None), Corruption::WrongType);
-    let kept: String = redis::cmd("GET").arg(rec).query(&mut server.admin()).unwrap();
+    expect_corrupt(
+        handle.claim_blocking(Generation::INITIAL),
+        Corruption::WrongType,
+    );
+    expect_corrupt(
+        handle.sign_in_blocking(&"t".into(), None),
+        Corruption::WrongType,
+    );
+    let kept: String = redis::cmd("GET")
+        .arg(rec)
+        .query(&mut server.admin())
+        .unwrap();
     assert_eq!(kept, "not a hash", "a corrupt record is never overwritten");
 
     reset(server);
     server.cmd(&[b"SET", ev, b"not a stream"]).unwrap();
-    expect_corrupt(handle.sign_in_blocking(&"t".into(), None), Corruption::WrongType);
+    expect_corrupt(
+        handle.sign_in_blocking(&"t".into(), None),
+        Corruption::WrongType,
+    );
 
     let cases: [(&[&[u8]], Corruption); 6] = [
-        (&[b"v", b"1", b"g", b"abc", b"st", b"ready"], Corruption::Undecodable { field: "g" }),
-        (&[b"v", b"1", b"g", b"3"], Corruption::Truncated { missing: "st" }),
         (
-            &[b"v", b"1", b"g", b"3", b"st", b"sending", b"own", b"0123456789abcdef0123456789abcdef", b"rg", b"0", b"at", b"1"],
+            &[b"v", b"1", b"g", b"abc", b"st", b"ready"],
+            Corruption::Undecodable { field: "g" },
+        ),
+        (
+            &[b"v", b"1", b"g", b"3"],
+            Corruption::Truncated { missing: "st" },
+        ),
+        (
+            &[
+                b"v",
+                b"1",
+                b"g",
+                b"3",
+                b"st",
+                b"sending",
+                b"own",
+                b"0123456789abcdef0123456789abcdef",
+                b"rg",
+                b"0",
+                b"at",
+                b"1",
+            ],
             Corruption::Truncated { missing: "lu" },
         ),
-        (&[b"v", b"1", b"g", b"3", b"st", b"flying"], Corruption::UnknownState),
-        (&[b"v", b"2", b"g", b"3", b"st", b"ready"], Corruption::UnsupportedVersion),
-        (&[b"v", b"1", b"g", b"3", b"st", b"ready", b"zz", b"1"], Corruption::Undecodable { field: "unknown field" }),
+        (
+            &[b"v", b"1", b"g", b"3", b"st", b"flying"],
+            Corruption::UnknownState,
+        ),
+        (
+            &[b"v", b"2", b"g", b"3", b"st", b"ready"],
+            Corruption::UnsupportedVersion,
+        ),
+        (
+            &[b"v", b"1", b"g", b"3", b"st", b"ready", b"zz", b"1"],
+            Corruption::Undecodable {
+                field: "unknown field",
+            },
+        ),
     ];
     for (fields, problem) in cases {
         reset(server);
@@ -429,7 +559,10 @@ fn redis_bad_records_are_typed_errors_and_left_alone() {
         server.cmd(&args).unwrap();
         expect_corrupt(handle.read_blocking(), problem);
         expect_corrupt(handle.claim_blocking(Generation::new(3)), problem);
-        let len: usize = redis::cmd("HLEN").arg(rec).query(&mut server.admin()).unwrap();
+        let len: usize = redis::cmd("HLEN")
+            .arg(rec)
+            .query(&mut server.admin())
+            .unwrap();
         assert_eq!(len * 2, fields.len(), "left as it was");
     }
 }
@@ -455,17 +588,31 @@ fn generation_went_back(fx: &Fixture, lose: impl Fn()) {
         }
         other => panic!("{other:?}"),
     }
-    assert!(matches!(a.claim_blocking(newest), Err(CoordError::GenerationWentBack { .. })));
+    assert!(matches!(
+        a.claim_blocking(newest),
+        Err(CoordError::GenerationWentBack { .. })
+    ));
     assert_eq!(a.stats().generation_regressions, 2);
     // A process with an older token re-seeds first; the newest wins after.
     let older = Generation::new(newest.get() - 1);
     let c = fx.handle(LONG);
-    assert_eq!(c.reseed_blocking(older, &"t2".into(), None).unwrap().generation, older);
+    assert_eq!(
+        c.reseed_blocking(older, &"t2".into(), None)
+            .unwrap()
+            .generation,
+        older
+    );
     let reseeded = b.reseed_blocking(newest, &"t3".into(), None).unwrap();
-    assert_eq!((reseeded.generation, reseeded.token.as_deref()), (newest, Some("t3")));
+    assert_eq!(
+        (reseeded.generation, reseeded.token.as_deref()),
+        (newest, Some("t3"))
+    );
     // Upwards only: a lower re-seed changes nothing.
     let kept = c.reseed_blocking(older, &"t2".into(), None).unwrap();
-    assert_eq!((kept.generation, kept.token.as_deref()), (newest, Some("t3")));
+    assert_eq!(
+        (kept.generation, kept.token.as_deref()),
+        (newest, Some("t3"))
+    );
     assert_eq!((b.stats().reseeds, c.stats().reseeds), (1, 1));
     assert_eq!(a.read_blocking().unwrap().token.as_deref(), Some("t3"));
 }
@@ -475,7 +622,10 @@ fn generation_went_back_redis() {
     let mut fx = Fixture::redis();
     let url = fx.redis_server().url();
     generation_went_back(&fx, move || {
-        let mut admin = redis::Client::open(url.as_str()).unwrap().get_connection().unwrap();
+        let mut admin = redis::Client::open(url.as_str())
+            .unwrap()
+            .get_connection()
+            .unwrap();
         redis::cmd("FLUSHALL").query::<()>(&mut admin).unwrap();
     });
 }
@@ -483,7 +633,9 @@ fn generation_went_back_redis() {
 #[test]
 fn generation_went_back_file() {
     let fx = Fixture::file();
-    let Backend::File(dir) = &fx.backend else { unreachable!() };
+    let Backend::File(dir) = &fx.backend else {
+        unreachable!()
+    };
     let record = dir.join("api.record");
     generation_went_back(&fx, move || std::fs::remove_file(&record).unwrap());
 }
@@ -492,7 +644,9 @@ fn generation_went_back_file() {
 fn file_bad_records_are_typed_errors() {
     use std::os::unix::fs::PermissionsExt;
     let fx = Fixture::file();
-    let Backend::File(dir) = &fx.backend else { unreachable!() };
+    let Backend::File(dir) = &fx.backend else {
+        unreachable!()
+    };
     let handle = fx.handle(LONG);
     handle.sign_in_blocking(&"t1".into(), None).unwrap();
     let record = dir.join("api.record");
@@ -503,9 +657,15 @@ fn file_bad_records_are_typed_errors() {
 
     let cases: [(Vec<u8>, Corruption); 3] = [
         (b"hello".to_vec(), Corruption::Undecodable { field: "file" }),
-        (good[..good.len() - 2].to_vec(), Corruption::Truncated { missing: "end" }),
         (
-            String::from_utf8(good.clone()).unwrap().replace("st 5\nready", "st 6\nflying").into_bytes(),
+            good[..good.len() - 2].to_vec(),
+            Corruption::Truncated { missing: "end" },
+        ),
+        (
+            String::from_utf8(good.clone())
+                .unwrap()
+                .replace("st 5\nready", "st 6\nflying")
+                .into_bytes(),
             Corruption::UnknownState,
         ),
     ];
@@ -527,12 +687,27 @@ fn file_bad_records_are_typed_errors() {
 
 #[test]
 fn invalid_config_is_rejected() {
-    assert_eq!(CoordConfig::new(Duration::ZERO), Err(ConfigError::ZeroLease));
+    assert_eq!(
+        CoordConfig::new(Duration::ZERO),
+        Err(ConfigError::ZeroLease)
+    );
     let dir = temp_dir("config");
     let store = epochflight::auth::coord::FileStore::open(&dir).unwrap();
-    let coordinator =
-        Coordinator::new(store, epochflight::auth::coord::Utf8Codec, CoordConfig::new(LONG).unwrap());
-    for name in ["", "a}b", "a{b", "a:b", ".hidden", "a b", "a/b", &"x".repeat(129)] {
+    let coordinator = Coordinator::new(
+        store,
+        epochflight::auth::coord::Utf8Codec,
+        CoordConfig::new(LONG).unwrap(),
+    );
+    for name in [
+        "",
+        "a}b",
+        "a{b",
+        "a:b",
+        ".hidden",
+        "a b",
+        "a/b",
+        &"x".repeat(129),
+    ] {
         assert_eq!(
             coordinator.credential(name).map(|_| ()),
             Err(CoordError::Config(ConfigError::InvalidName)),
@@ -540,10 +715,19 @@ fn invalid_config_is_rejected() {
         );
     }
     for prefix in ["", "a{b", "a}b", "a*b", "a b", &"p".repeat(65)] {
-        assert_eq!(RedisConfig::new("redis://127.0.0.1/").prefix(prefix).map(|_| ()).unwrap_err(), ConfigError::InvalidPrefix);
+        assert_eq!(
+            RedisConfig::new("redis://127.0.0.1/")
+                .prefix(prefix)
+                .map(|_| ())
+                .unwrap_err(),
+            ConfigError::InvalidPrefix
+        );
     }
     let bad_url = RedisStore::connect(RedisConfig::new("nonsense://x"));
-    assert_eq!(bad_url.map(|_| ()), Err(CoordError::Config(ConfigError::InvalidUrl)));
+    assert_eq!(
+        bad_url.map(|_| ()),
+        Err(CoordError::Config(ConfigError::InvalidUrl))
+    );
     let _ = std::fs::remove_dir_all(dir);
 }
 
@@ -552,7 +736,10 @@ fn redis_unreachable_at_start_is_a_typed_error() {
     let port = redis_server::free_port();
     let started = Instant::now();
     let result = RedisStore::connect(RedisConfig::new(format!("redis://127.0.0.1:{port}/")));
-    assert!(matches!(result, Err(CoordError::Unavailable { .. })), "{result:?}");
+    assert!(
+        matches!(result, Err(CoordError::Unavailable { .. })),
+        "{result:?}"
+    );
     assert!(started.elapsed() < Duration::from_secs(3));
 }
 
@@ -573,19 +760,35 @@ fn redis_acl_user() {
         RedisStore::connect(RedisConfig::new(url).prefix("test").unwrap())
             .map(|store| Coordinator::new(store, epochflight::auth::coord::Utf8Codec, config))
     };
-    let app = open(server.url_as("app", "app-pass")).unwrap().credential("api").unwrap();
+    let app = open(server.url_as("app", "app-pass"))
+        .unwrap()
+        .credential("api")
+        .unwrap();
     let g = app.sign_in_blocking(&"t1".into(), None).unwrap().generation;
-    let ClaimOutcome::Claimed(claim) = app.claim_blocking(g).unwrap() else { panic!() };
-    let ClaimOutcome::Busy(busy) = app.claim_blocking(g).unwrap() else { panic!() };
+    let ClaimOutcome::Claimed(claim) = app.claim_blocking(g).unwrap() else {
+        panic!()
+    };
+    let ClaimOutcome::Busy(busy) = app.claim_blocking(g).unwrap() else {
+        panic!()
+    };
     // The wait (XREAD) is allowed too: it ends at the lease's end, lost.
     let waited = app.wait_blocking(&busy, Duration::from_secs(5)).unwrap();
     assert_eq!(waited.state, epochflight::auth::coord::SharedState::Lost);
-    assert!(matches!(app.commit_blocking(claim, &"t2".into(), None), Ok(Committed::Stored(_))));
+    assert!(matches!(
+        app.commit_blocking(claim, &"t2".into(), None),
+        Ok(Committed::Stored(_))
+    ));
     let async_read = futures::executor::block_on(app.read()).unwrap();
     assert_eq!(async_read.token.as_deref(), Some("t2"));
 
-    let denied = open(server.url_as("other", "other-pass")).unwrap().credential("api").unwrap();
-    assert!(matches!(denied.read_blocking(), Err(CoordError::Denied { .. })));
+    let denied = open(server.url_as("other", "other-pass"))
+        .unwrap()
+        .credential("api")
+        .unwrap();
+    assert!(matches!(
+        denied.read_blocking(),
+        Err(CoordError::Denied { .. })
+    ));
     let wrong = open(server.url_as("app", "wrong-pass"));
     assert!(matches!(wrong, Err(CoordError::Denied { .. })), "{wrong:?}");
 }
@@ -618,34 +821,68 @@ fn secrets_stay_out_of_the_store_and_of_debug_output() {
     output.push(format!("{snapshot:?}"));
     let outcome = cred.claim_blocking(snapshot.generation).unwrap();
     output.push(format!("{outcome:?}"));
-    let ClaimOutcome::Claimed(claim) = outcome else { panic!() };
+    let ClaimOutcome::Claimed(claim) = outcome else {
+        panic!()
+    };
     output.push(format!("{claim:?}"));
     let raw: Vec<u8> = redis::cmd("HGET")
         .arg("{test:api}:rec")
         .arg("tok")
-        .query(&mut redis::Client::open(url.as_str()).unwrap().get_connection().unwrap())
+        .query(
+            &mut redis::Client::open(url.as_str())
+                .unwrap()
+                .get_connection()
+                .unwrap(),
+        )
         .unwrap();
-    assert!(!String::from_utf8_lossy(&raw).contains("SECRET"), "stored in the clear");
-    output.push(format!("{:?}", cred.claim_blocking(snapshot.generation).unwrap()));
-    output.push(format!("{:?}", cred.commit_blocking(claim, &"SECRET-next".into(), None)));
+    assert!(
+        !String::from_utf8_lossy(&raw).contains("SECRET"),
+        "stored in the clear"
+    );
+    output.push(format!(
+        "{:?}",
+        cred.claim_blocking(snapshot.generation).unwrap()
+    ));
+    output.push(format!(
+        "{:?}",
+        cred.commit_blocking(claim, &"SECRET-next".into(), None)
+    ));
     output.push(format!("{cred:?} {coordinator:?} {store:?} {config:?}"));
     // Errors from every kind of failure.
     let plain = coord_child::open(&format!("redis:{url}"), CoordConfig::new(LONG).unwrap())
         .credential("api")
         .unwrap();
     let codec_error = plain.read_blocking();
-    assert!(matches!(codec_error, Err(CoordError::Codec(_))), "{codec_error:?}");
+    assert!(
+        matches!(codec_error, Err(CoordError::Codec(_))),
+        "{codec_error:?}"
+    );
     output.push(format!("{codec_error:?}"));
-    let mut admin = redis::Client::open(url.as_str()).unwrap().get_connection().unwrap();
-    redis::cmd("DEL").arg("{test:api}:rec").query::<()>(&mut admin).unwrap();
+    let mut admin = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    redis::cmd("DEL")
+        .arg("{test:api}:rec")
+        .query::<()>(&mut admin)
+        .unwrap();
     let stale = cred.read_blocking();
-    assert!(matches!(stale, Err(CoordError::GenerationWentBack { .. })), "{stale:?}");
+    assert!(
+        matches!(stale, Err(CoordError::GenerationWentBack { .. })),
+        "{stale:?}"
+    );
     output.push(format!("{stale:?}"));
     server.kill();
     let down = cred.sign_in_blocking(&"SECRET-while-down".into(), None);
-    assert!(matches!(down, Err(CoordError::Unavailable { .. })), "{down:?}");
+    assert!(
+        matches!(down, Err(CoordError::Unavailable { .. })),
+        "{down:?}"
+    );
     output.push(format!("{down:?}"));
-    for error in [codec_error.err(), stale.err(), down.err()].into_iter().flatten() {
+    for error in [codec_error.err(), stale.err(), down.err()]
+        .into_iter()
+        .flatten()
+    {
         output.push(error.to_string());
     }
     for line in &output {

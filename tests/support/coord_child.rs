@@ -13,8 +13,8 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
 use std::time::{Duration, Instant};
 
 use epochflight::auth::coord::{
-    Busy, Claim, ClaimOutcome, CoordConfig, CoordError, Coordinator, SharedCredential,
-    SharedState, Snapshot, Utf8Codec,
+    Busy, Claim, ClaimOutcome, CoordConfig, CoordError, Coordinator, SharedCredential, SharedState,
+    Snapshot, Utf8Codec,
 };
 
 /// How the child calls the store.
@@ -63,8 +63,14 @@ impl ChildProc {
             .args([entry, "--exact", "--nocapture", "--test-threads=1"])
             .env("EPOCHFLIGHT_CHILD_STORE", &config.store)
             .env("EPOCHFLIGHT_CHILD_NAME", &config.name)
-            .env("EPOCHFLIGHT_CHILD_LEASE_MS", config.lease.as_millis().to_string())
-            .env("EPOCHFLIGHT_CHILD_GRACE_MS", config.grace.as_millis().to_string())
+            .env(
+                "EPOCHFLIGHT_CHILD_LEASE_MS",
+                config.lease.as_millis().to_string(),
+            )
+            .env(
+                "EPOCHFLIGHT_CHILD_GRACE_MS",
+                config.grace.as_millis().to_string(),
+            )
             .env("EPOCHFLIGHT_CHILD_MODE", mode.as_str())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -110,7 +116,11 @@ impl ChildProc {
         match self.lines.recv_timeout(ANSWER_TIMEOUT) {
             Ok(line) => line,
             Err(RecvTimeoutError::Timeout) => {
-                panic!("child {} ({:?}) did not answer in {ANSWER_TIMEOUT:?}", self.pid(), self.mode)
+                panic!(
+                    "child {} ({:?}) did not answer in {ANSWER_TIMEOUT:?}",
+                    self.pid(),
+                    self.mode
+                )
             }
             Err(RecvTimeoutError::Disconnected) => {
                 panic!("child {} ({:?}) exited", self.pid(), self.mode)
@@ -150,7 +160,9 @@ pub fn open_from_env() -> SharedCredential<String> {
     let config = CoordConfig::new(lease).unwrap().with_reuse_grace(grace);
     let store = env("EPOCHFLIGHT_CHILD_STORE");
     let name = env("EPOCHFLIGHT_CHILD_NAME");
-    open(&store, config).credential(&name).expect("open credential")
+    open(&store, config)
+        .credential(&name)
+        .expect("open credential")
 }
 
 /// A coordinator for `file:<dir>` or `redis:<url>`.
@@ -162,7 +174,8 @@ pub fn open(store: &str, config: CoordConfig) -> Coordinator<String> {
         let config_redis = epochflight::auth::coord::RedisConfig::new(url)
             .prefix("test")
             .unwrap();
-        let store = epochflight::auth::coord::RedisStore::connect(config_redis).expect("redis store");
+        let store =
+            epochflight::auth::coord::RedisStore::connect(config_redis).expect("redis store");
         Coordinator::new(store, Utf8Codec, config)
     } else {
         panic!("unknown store {store}")
@@ -274,7 +287,11 @@ async fn exec(
     let snapshot = |r: Result<Snapshot<String>, CoordError>| r.map_or_else(err, |s| describe(&s));
     match command {
         "read" => snapshot(call!(b, cred.read_blocking(), cred.read())),
-        "claim" => match call!(b, cred.claim_blocking(generation(&arg)), cred.claim(generation(&arg))) {
+        "claim" => match call!(
+            b,
+            cred.claim_blocking(generation(&arg)),
+            cred.claim(generation(&arg))
+        ) {
             Ok(ClaimOutcome::Claimed(claim)) => {
                 let answer = format!(
                     "claimed g={} token={} grace={}",
@@ -299,14 +316,22 @@ async fn exec(
                 cred.commit_blocking(claim, &arg, None),
                 cred.commit(claim, &arg, None)
             ) {
-                Ok(epochflight::auth::coord::Committed::Stored(g)) => format!("committed {}", g.get()),
-                Ok(epochflight::auth::coord::Committed::Pending(g)) => format!("pending {}", g.get()),
+                Ok(epochflight::auth::coord::Committed::Stored(g)) => {
+                    format!("committed {}", g.get())
+                }
+                Ok(epochflight::auth::coord::Committed::Pending(g)) => {
+                    format!("pending {}", g.get())
+                }
                 Err(e) => err(e),
             }
         }
         "wait" => {
             let busy = state.busy.clone().expect("wait without busy");
-            snapshot(call!(b, cred.wait_blocking(&busy, ms(&arg)), cred.wait(&busy, ms(&arg))))
+            snapshot(call!(
+                b,
+                cred.wait_blocking(&busy, ms(&arg)),
+                cred.wait(&busy, ms(&arg))
+            ))
         }
         "reject" => {
             let claim = state.claim.take().expect("reject without a claim");
@@ -320,14 +345,22 @@ async fn exec(
                 cred.fail_transient(claim, ms(&arg))
             ))
         }
-        "sign_in" => snapshot(call!(b, cred.sign_in_blocking(&arg, None), cred.sign_in(&arg, None))),
+        "sign_in" => snapshot(call!(
+            b,
+            cred.sign_in_blocking(&arg, None),
+            cred.sign_in(&arg, None)
+        )),
         "sign_out" => snapshot(call!(b, cred.sign_out_blocking(), cred.sign_out())),
         "calls" => format!("calls {}", cred.stats().store_calls),
         "stats" => format!("stats {:?}", cred.stats()),
         // Claim `g`; the winner commits `arg2`, the others wait for it.
         "race" => {
             let started = Instant::now();
-            match call!(b, cred.claim_blocking(generation(&arg)), cred.claim(generation(&arg))) {
+            match call!(
+                b,
+                cred.claim_blocking(generation(&arg)),
+                cred.claim(generation(&arg))
+            ) {
                 Ok(ClaimOutcome::Claimed(claim)) => {
                     match call!(
                         b,

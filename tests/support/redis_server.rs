@@ -55,7 +55,14 @@ impl RedisServer {
             .arg(self.port.to_string())
             .arg("--dir")
             .arg(&self.dir)
-            .args(["--appendonly", "yes", "--appendfsync", "always", "--save", ""])
+            .args([
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--save",
+                "",
+            ])
             .args(["--daemonize", "no", "--loglevel", "notice", "--logfile", ""])
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

@@ -13,7 +13,7 @@ use super::outcome::LEASE_MARGIN;
 use super::record::{Effective, Op, Owner, Record, Secret, Verdict};
 use super::store::{Applied, Sealed, Slot, Store};
 use super::{
-    Busy, Claim, ClaimOutcome, CoordConfig, CoordError, CoordStats, Committed, Generation,
+    Busy, Claim, ClaimOutcome, Committed, CoordConfig, CoordError, CoordStats, Generation,
     SharedState, Snapshot, TokenCodec,
 };
 
@@ -488,7 +488,8 @@ impl<T: Send + 'static> SharedCredential<T> {
     }
 
     fn wait_limit(busy: &Busy, timeout: Duration) -> Duration {
-        let until_lease = (busy.lease_ends + LEASE_MARGIN).saturating_duration_since(Instant::now());
+        let until_lease =
+            (busy.lease_ends + LEASE_MARGIN).saturating_duration_since(Instant::now());
         timeout.min(until_lease)
     }
 
@@ -705,7 +706,11 @@ impl<T: Send + 'static> SharedCredential<T> {
         expires_at: Option<Instant>,
     ) -> Result<Snapshot<T>, CoordError> {
         let op = self.sign_in_op(token, expires_at)?;
-        let applied = self.inner.slot.apply_blocking(&op).map_err(|e| self.failed(e))?;
+        let applied = self
+            .inner
+            .slot
+            .apply_blocking(&op)
+            .map_err(|e| self.failed(e))?;
         self.session_replaced(applied)
     }
 
@@ -722,7 +727,11 @@ impl<T: Send + 'static> SharedCredential<T> {
         let op = Op::SignOut {
             min_generation: self.min_generation(),
         };
-        let applied = self.inner.slot.apply_blocking(&op).map_err(|e| self.failed(e))?;
+        let applied = self
+            .inner
+            .slot
+            .apply_blocking(&op)
+            .map_err(|e| self.failed(e))?;
         self.session_replaced(applied)
     }
 
@@ -766,7 +775,11 @@ impl<T: Send + 'static> SharedCredential<T> {
         expires_at: Option<Instant>,
     ) -> Result<Snapshot<T>, CoordError> {
         let op = self.reseed_op(generation, token, expires_at)?;
-        let applied = self.inner.slot.apply_blocking(&op).map_err(|e| self.failed(e))?;
+        let applied = self
+            .inner
+            .slot
+            .apply_blocking(&op)
+            .map_err(|e| self.failed(e))?;
         self.reseeded(applied)
     }
 
@@ -793,7 +806,12 @@ impl<T: Send + 'static> SharedCredential<T> {
 
     async fn run(&self, op: Op) -> Result<Applied, CoordError> {
         self.flush().await?;
-        self.inner.slot.clone().apply(op).await.map_err(|e| self.failed(e))
+        self.inner
+            .slot
+            .clone()
+            .apply(op)
+            .await
+            .map_err(|e| self.failed(e))
     }
 
     /// Reads the record: adopt its generation if it is newer than yours,
@@ -983,7 +1001,13 @@ impl<T: Send + 'static> SharedCredential<T> {
         expires_at: Option<Instant>,
     ) -> Result<Snapshot<T>, CoordError> {
         let op = self.sign_in_op(token, expires_at)?;
-        let applied = self.inner.slot.clone().apply(op).await.map_err(|e| self.failed(e))?;
+        let applied = self
+            .inner
+            .slot
+            .clone()
+            .apply(op)
+            .await
+            .map_err(|e| self.failed(e))?;
         self.session_replaced(applied)
     }
 
@@ -1001,7 +1025,13 @@ impl<T: Send + 'static> SharedCredential<T> {
         let op = Op::SignOut {
             min_generation: self.min_generation(),
         };
-        let applied = self.inner.slot.clone().apply(op).await.map_err(|e| self.failed(e))?;
+        let applied = self
+            .inner
+            .slot
+            .clone()
+            .apply(op)
+            .await
+            .map_err(|e| self.failed(e))?;
         self.session_replaced(applied)
     }
 
@@ -1051,7 +1081,13 @@ impl<T: Send + 'static> SharedCredential<T> {
         expires_at: Option<Instant>,
     ) -> Result<Snapshot<T>, CoordError> {
         let op = self.reseed_op(generation, token, expires_at)?;
-        let applied = self.inner.slot.clone().apply(op).await.map_err(|e| self.failed(e))?;
+        let applied = self
+            .inner
+            .slot
+            .clone()
+            .apply(op)
+            .await
+            .map_err(|e| self.failed(e))?;
         self.reseeded(applied)
     }
 }

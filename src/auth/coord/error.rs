@@ -85,14 +85,19 @@ pub enum CoordError {
 impl fmt::Display for CoordError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            CoordError::Unavailable { reason } => write!(f, "credential store unavailable: {reason}"),
+            CoordError::Unavailable { reason } => {
+                write!(f, "credential store unavailable: {reason}")
+            }
             CoordError::SignedOut => f.write_str("signed out fleet-wide: sign in again"),
             CoordError::Lost { generation } => write!(
                 f,
                 "refresh of {generation} lost (its holder's lease ran out): sign in again"
             ),
             CoordError::CoolingDown { remaining } => {
-                write!(f, "refresh failed in the fleet; cooling down for {remaining:?}")
+                write!(
+                    f,
+                    "refresh failed in the fleet; cooling down for {remaining:?}"
+                )
             }
             CoordError::Fenced { generation } => {
                 write!(f, "claim fenced: the store is at {generation}")
@@ -104,11 +109,16 @@ impl fmt::Display for CoordError {
             CoordError::Corrupt {
                 credential,
                 problem,
-            } => write!(f, "stored record of `{credential}` is unreadable: {problem}"),
+            } => write!(
+                f,
+                "stored record of `{credential}` is unreadable: {problem}"
+            ),
             CoordError::Denied { reason } => write!(f, "credential store refused: {reason}"),
             CoordError::Codec(e) => e.fmt(f),
             CoordError::Config(e) => e.fmt(f),
-            CoordError::Protocol { reason } => write!(f, "unexpected answer from the store: {reason}"),
+            CoordError::Protocol { reason } => {
+                write!(f, "unexpected answer from the store: {reason}")
+            }
         }
     }
 }
@@ -247,5 +257,9 @@ pub(crate) fn check_name(name: &str) -> Result<(), ConfigError> {
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
-    if ok { Ok(()) } else { Err(ConfigError::InvalidName) }
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::InvalidName)
+    }
 }

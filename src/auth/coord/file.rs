@@ -309,7 +309,8 @@ impl FileSlot {
             // The previous holder's file is of no use once its claim is
             // replaced (its process, if alive, keeps its lock on the
             // unlinked file until it finishes).
-            let still_holding = matches!(new.state, Stored::Sending(h) if Some(h.owner) == previous_holder);
+            let still_holding =
+                matches!(new.state, Stored::Sending(h) if Some(h.owner) == previous_holder);
             if let (Some(owner), false) = (previous_holder, still_holding) {
                 let _ = fs::remove_file(self.holder_path(&owner.to_hex()));
             }
@@ -387,7 +388,11 @@ impl Slot for FileSlot {
             .map_err(|e| io_error("waiting on a holder lock", e))
     }
 
-    fn wait(self: Arc<Self>, cursor: Cursor, timeout: Duration) -> BoxFuture<Result<(), CoordError>> {
+    fn wait(
+        self: Arc<Self>,
+        cursor: Cursor,
+        timeout: Duration,
+    ) -> BoxFuture<Result<(), CoordError>> {
         detached(move || self.wait_blocking(&cursor, timeout), Box::new(drop))
     }
 
@@ -503,11 +508,13 @@ fn encode(record: &Record) -> Vec<u8> {
 fn decode(bytes: &[u8]) -> Result<Record, Corruption> {
     let truncated = Corruption::Truncated { missing: "end" };
     let undecodable = Corruption::Undecodable { field: "file" };
-    let mut rest = bytes.strip_prefix(HEADER).ok_or(if HEADER.starts_with(bytes) {
-        truncated
-    } else {
-        undecodable
-    })?;
+    let mut rest = bytes
+        .strip_prefix(HEADER)
+        .ok_or(if HEADER.starts_with(bytes) {
+            truncated
+        } else {
+            undecodable
+        })?;
     let mut fields = Vec::new();
     loop {
         if rest == FOOTER {

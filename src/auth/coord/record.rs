@@ -275,6 +275,7 @@ impl Verdict {
     }
 }
 
+#[cfg_attr(not(all(feature = "file-coordination", unix)), allow(dead_code))]
 /// Applies `op` to `record` (`None`: never written) at store time `now`.
 /// Returns the verdict and the record to write, if any.
 pub(crate) fn transition(
@@ -326,9 +327,12 @@ pub(crate) fn transition(
             match cur.effective(now, holder_alive) {
                 Effective::Ready => (Verdict::Claimed { grace: false }, Some(sending(false))),
                 // The same claim again (a retry whose first reply was lost).
-                Effective::Sending(h) if h.owner == *owner => {
-                    (Verdict::Claimed { grace: h.grace_reclaim }, None)
-                }
+                Effective::Sending(h) if h.owner == *owner => (
+                    Verdict::Claimed {
+                        grace: h.grace_reclaim,
+                    },
+                    None,
+                ),
                 Effective::Sending(_) => (Verdict::Busy, None),
                 Effective::Cooling { .. } => (Verdict::Cooling, None),
                 Effective::SignedOut => (Verdict::SignedOut, None),
@@ -491,6 +495,7 @@ fn int(value: &[u8]) -> Option<u64> {
 impl Record {
     /// The record as (field, value) pairs: the Redis hash, and the file
     /// format's body.
+    #[cfg_attr(not(all(feature = "file-coordination", unix)), allow(dead_code))]
     pub(crate) fn to_fields(&self) -> Vec<(&'static str, Vec<u8>)> {
         let num = |n: u64| n.to_string().into_bytes();
         let mut fields = vec![
@@ -532,12 +537,11 @@ impl Record {
     ) -> Result<Record, Corruption> {
         let mut values: [Option<&[u8]>; FIELDS.len()] = [None; FIELDS.len()];
         for (name, value) in pairs {
-            let index = FIELDS
-                .iter()
-                .position(|f| f.as_bytes() == name)
-                .ok_or(Corruption::Undecodable {
+            let index = FIELDS.iter().position(|f| f.as_bytes() == name).ok_or(
+                Corruption::Undecodable {
                     field: field_name(name),
-                })?;
+                },
+            )?;
             if values[index].replace(value).is_some() {
                 return Err(Corruption::Undecodable {
                     field: FIELDS[index],
@@ -545,8 +549,11 @@ impl Record {
             }
         }
         let get = |name: &'static str| values[FIELDS.iter().position(|f| *f == name).unwrap()];
-        let required = |name: &'static str| get(name).ok_or(Corruption::Truncated { missing: name });
-        let number = |name: &'static str| int(required(name)?).ok_or(Corruption::Undecodable { field: name });
+        let required =
+            |name: &'static str| get(name).ok_or(Corruption::Truncated { missing: name });
+        let number = |name: &'static str| {
+            int(required(name)?).ok_or(Corruption::Undecodable { field: name })
+        };
         if required("v")? != VERSION {
             return Err(Corruption::UnsupportedVersion);
         }
@@ -635,14 +642,23 @@ mod tests {
         let (a, b) = (Owner::new(), Owner::new());
         assert_ne!(a, b);
         let mut r = None;
-        assert_eq!(step(&mut r, &claim(0, a, 0), 10), Verdict::Claimed { grace: false });
+        assert_eq!(
+            step(&mut r, &claim(0, a, 0), 10),
+            Verdict::Claimed { grace: false }
+        );
         assert_eq!(step(&mut r, &claim(0, b, 0), 11), Verdict::Busy);
         // A retried claim is the same claim, written once.
-        assert_eq!(transition(r.as_ref(), &claim(0, a, 0), 11, true), (Verdict::Claimed { grace: false }, None));
+        assert_eq!(
+            transition(r.as_ref(), &claim(0, a, 0), 11, true),
+            (Verdict::Claimed { grace: false }, None)
+        );
         assert_eq!(step(&mut r, &commit(0, b), 12), Verdict::Fenced);
         assert_eq!(step(&mut r, &commit(0, a), 13), Verdict::Done);
         let rec = r.clone().unwrap();
-        assert_eq!((rec.generation, rec.state, rec.expires_at), (1, Stored::Ready, Some(60_013)));
+        assert_eq!(
+            (rec.generation, rec.state, rec.expires_at),
+            (1, Stored::Ready, Some(60_013))
+        );
         // A stale claim or commit of generation 0 is answered with the newer one.
         assert_eq!(step(&mut r, &claim(0, b, 0), 14), Verdict::Newer);
         assert_eq!(step(&mut r, &commit(0, a), 15), Verdict::Fenced);
@@ -675,7 +691,10 @@ mod tests {
         let (a, b, c) = (Owner::new(), Owner::new(), Owner::new());
         let mut r = None;
         step(&mut r, &claim(0, a, 5_000), 0);
-        assert_eq!(step(&mut r, &claim(0, b, 5_000), 1_500), Verdict::Claimed { grace: true });
+        assert_eq!(
+            step(&mut r, &claim(0, b, 5_000), 1_500),
+            Verdict::Claimed { grace: true }
+        );
         assert_eq!(step(&mut r, &claim(0, c, 5_000), 1_600), Verdict::Busy);
         assert_eq!(step(&mut r, &commit(0, a), 1_700), Verdict::Fenced);
         // b's lease runs out too: no second grace.
@@ -688,7 +707,10 @@ mod tests {
         let (a, b, c) = (Owner::new(), Owner::new(), Owner::new());
         let mut r = None;
         step(&mut r, &claim(0, a, 5_000), 0);
-        assert_eq!(step(&mut r, &claim(0, b, 5_000), 1_500), Verdict::Claimed { grace: true });
+        assert_eq!(
+            step(&mut r, &claim(0, b, 5_000), 1_500),
+            Verdict::Claimed { grace: true }
+        );
         let transient = Op::Transient {
             generation: 0,
             owner: b,
@@ -718,14 +740,20 @@ mod tests {
         };
         assert_eq!(step(&mut r, &transient, 10), Verdict::Done);
         assert_eq!(step(&mut r, &claim(0, a, 0), 509), Verdict::Cooling);
-        assert_eq!(step(&mut r, &claim(0, a, 0), 510), Verdict::Claimed { grace: false });
+        assert_eq!(
+            step(&mut r, &claim(0, a, 0), 510),
+            Verdict::Claimed { grace: false }
+        );
         let reject = Op::Reject {
             generation: 0,
             owner: a,
         };
         assert_eq!(step(&mut r, &reject, 511), Verdict::SignedOut);
         let rec = r.clone().unwrap();
-        assert_eq!((rec.generation, rec.state, rec.token), (1, Stored::SignedOut, None));
+        assert_eq!(
+            (rec.generation, rec.state, rec.token),
+            (1, Stored::SignedOut, None)
+        );
         assert_eq!(step(&mut r, &claim(1, a, 0), 512), Verdict::SignedOut);
     }
 
@@ -776,22 +804,43 @@ mod tests {
         };
         assert_eq!(parse(&fields), Ok(rec));
         let without = |name| {
-            fields.iter().filter(|(k, _)| *k != name).cloned().collect::<Vec<_>>()
+            fields
+                .iter()
+                .filter(|(k, _)| *k != name)
+                .cloned()
+                .collect::<Vec<_>>()
         };
-        assert_eq!(parse(&without("lu")), Err(Corruption::Truncated { missing: "lu" }));
-        assert_eq!(parse(&without("v")), Err(Corruption::Truncated { missing: "v" }));
+        assert_eq!(
+            parse(&without("lu")),
+            Err(Corruption::Truncated { missing: "lu" })
+        );
+        assert_eq!(
+            parse(&without("v")),
+            Err(Corruption::Truncated { missing: "v" })
+        );
         let with = |name, value: &[u8]| {
             let mut f = without(name);
             f.push((name, value.to_vec()));
             f
         };
         assert_eq!(parse(&with("st", b"flying")), Err(Corruption::UnknownState));
-        assert_eq!(parse(&with("g", b"-1")), Err(Corruption::Undecodable { field: "g" }));
+        assert_eq!(
+            parse(&with("g", b"-1")),
+            Err(Corruption::Undecodable { field: "g" })
+        );
         assert_eq!(parse(&with("v", b"2")), Err(Corruption::UnsupportedVersion));
-        assert_eq!(parse(&with("st", b"ready")), Err(Corruption::Undecodable { field: "own" }));
+        assert_eq!(
+            parse(&with("st", b"ready")),
+            Err(Corruption::Undecodable { field: "own" })
+        );
         let mut extra = fields.clone();
         extra.push(("zz", b"1".to_vec()));
-        assert_eq!(parse(&extra), Err(Corruption::Undecodable { field: "unknown field" }));
+        assert_eq!(
+            parse(&extra),
+            Err(Corruption::Undecodable {
+                field: "unknown field"
+            })
+        );
     }
 
     #[test]

@@ -208,9 +208,7 @@ impl RedisStore {
             nonblocking_waiters: Mutex::new(Vec::new()),
         };
         let mut conn = shared.connect_blocking(shared.config.io_timeout)?;
-        load_cmd()
-            .query::<String>(&mut conn)
-            .map_err(classify)?;
+        load_cmd().query::<String>(&mut conn).map_err(classify)?;
         *shared.blocking.lock() = Some(conn);
         Ok(Self {
             shared: Arc::new(shared),
@@ -235,7 +233,8 @@ impl Shared {
             .client
             .get_connection_with_timeout(self.config.connect_timeout)
             .map_err(classify)?;
-        conn.set_read_timeout(Some(read_timeout)).map_err(classify)?;
+        conn.set_read_timeout(Some(read_timeout))
+            .map_err(classify)?;
         conn.set_write_timeout(Some(self.config.io_timeout))
             .map_err(classify)?;
         Ok(conn)
@@ -300,7 +299,10 @@ impl RedisSlot {
                 lease_ms,
                 grace_ms,
             } => {
-                cmd.arg(seen).arg(owner.to_hex()).arg(lease_ms).arg(grace_ms);
+                cmd.arg(seen)
+                    .arg(owner.to_hex())
+                    .arg(lease_ms)
+                    .arg(grace_ms);
             }
             Op::Commit {
                 generation,
@@ -442,7 +444,10 @@ impl RedisSlot {
         for attempt in 0..2 {
             let fresh = slot.is_none();
             if fresh {
-                *slot = Some(self.shared.connect_blocking(self.shared.config.io_timeout)?);
+                *slot = Some(
+                    self.shared
+                        .connect_blocking(self.shared.config.io_timeout)?,
+                );
             }
             let conn = slot.as_mut().expect("connected above");
             self.count();
@@ -569,7 +574,8 @@ impl Slot for RedisSlot {
         let read_timeout = timeout + self.shared.config.io_timeout;
         let mut conn = match pooled {
             Some(conn) => {
-                conn.set_read_timeout(Some(read_timeout)).map_err(classify)?;
+                conn.set_read_timeout(Some(read_timeout))
+                    .map_err(classify)?;
                 conn
             }
             None => self.shared.connect_blocking(read_timeout)?,
@@ -587,7 +593,11 @@ impl Slot for RedisSlot {
         }
     }
 
-    fn wait(self: Arc<Self>, cursor: Cursor, timeout: Duration) -> BoxFuture<Result<(), CoordError>> {
+    fn wait(
+        self: Arc<Self>,
+        cursor: Cursor,
+        timeout: Duration,
+    ) -> BoxFuture<Result<(), CoordError>> {
         Box::pin(async move {
             let config = &self.shared.config;
             let timeout = timeout.min(config.max_wait);
@@ -603,7 +613,11 @@ impl Slot for RedisSlot {
             self.count();
             // Dropped here mid-wait, the connection goes with the future:
             // a blocked connection never returns to the pool.
-            match self.xread_cmd(&cursor, timeout).query_async::<Value>(&mut conn).await {
+            match self
+                .xread_cmd(&cursor, timeout)
+                .query_async::<Value>(&mut conn)
+                .await
+            {
                 Ok(_) => {
                     let mut pool = self.shared.nonblocking_waiters.lock();
                     if pool.len() < POOL {

@@ -59,7 +59,11 @@ pub(crate) trait Slot: Send + Sync + 'static {
     fn wait_blocking(&self, cursor: &Cursor, timeout: Duration) -> Result<(), CoordError>;
 
     /// [`wait_blocking`](Self::wait_blocking) without blocking the executor.
-    fn wait(self: Arc<Self>, cursor: Cursor, timeout: Duration) -> BoxFuture<Result<(), CoordError>>;
+    fn wait(
+        self: Arc<Self>,
+        cursor: Cursor,
+        timeout: Duration,
+    ) -> BoxFuture<Result<(), CoordError>>;
 
     /// Commands sent to the store so far.
     fn store_calls(&self) -> u64;
