@@ -351,14 +351,14 @@ impl Slot for FileSlot {
         detached(
             move || slot.apply_blocking(&op),
             Box::new(move |result: Result<Applied, CoordError>| {
-                if let (Some((generation, owner)), Ok(applied)) = (release, &result) {
-                    if matches!(applied.verdict, Verdict::Claimed { .. }) {
-                        let _ = self.apply_blocking(&Op::Transient {
-                            generation,
-                            owner,
-                            cooldown_ms: 0,
-                        });
-                    }
+                let claimed =
+                    matches!(&result, Ok(a) if matches!(a.verdict, Verdict::Claimed { .. }));
+                if let (Some((generation, owner)), true) = (release, claimed) {
+                    let _ = self.apply_blocking(&Op::Transient {
+                        generation,
+                        owner,
+                        cooldown_ms: 0,
+                    });
                 }
                 drop(result);
             }),

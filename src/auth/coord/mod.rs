@@ -140,9 +140,12 @@ mod outcome;
 mod record;
 mod store;
 
+// Each store feature has its own MSRV (see the README).
 #[cfg(all(feature = "file-coordination", unix))]
+#[clippy::msrv = "1.89"] // std's `File::lock`
 mod file;
 #[cfg(feature = "redis")]
+#[clippy::msrv = "1.88"] // the `redis` crate's
 mod redis_store;
 
 pub use codec::{BytesCodec, FnCodec, TokenCodec, Utf8Codec, codec_fn};

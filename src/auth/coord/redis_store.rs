@@ -396,7 +396,7 @@ impl RedisSlot {
                 .map(bytes)
                 .collect::<Option<_>>()
                 .ok_or(protocol("malformed record fields"))?;
-            if fields.len() % 2 != 0 {
+            if !fields.len().is_multiple_of(2) {
                 return Err(protocol("odd number of record fields"));
             }
             let pairs = fields
