@@ -158,6 +158,6 @@ pub use outcome::{
 pub use store::Store;
 
 #[cfg(all(feature = "file-coordination", unix))]
-pub use file::FileStore;
+pub use file::{DEFAULT_LOCK_TIMEOUT, FileStore};
 #[cfg(feature = "redis")]
 pub use redis_store::{RedisConfig, RedisStore};
