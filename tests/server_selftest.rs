@@ -496,3 +496,115 @@ fn drop_stops_the_server_promptly_even_with_open_connections() {
         );
     });
 }
+
+// ------------------------------------------------------------- scale-out modes
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reuse_grace_accepts_the_previous_refresh_token_once() {
+    timed(async {
+        let s = TestServer::start(ServerConfig {
+            reuse_grace: Duration::from_secs(30),
+            ..ServerConfig::default()
+        });
+        let (_, rt0) = s.initial_tokens();
+        let (status, first) = refresh(&s, &rt0).await;
+        assert_eq!(status, 200);
+        // The previous token once more, within the grace: accepted, not reuse.
+        let (status, again) = refresh(&s, &rt0).await;
+        assert_eq!(status, 200, "{again}");
+        assert_ne!(
+            field(&again, "refresh_token"),
+            field(&first, "refresh_token")
+        );
+        let c = s.counters();
+        assert_eq!(
+            (c.grace_reuses, c.reuse_detections, c.successful_refreshes),
+            (1, 0, 2)
+        );
+        // A third presentation is reuse.
+        let (status, _) = refresh(&s, &rt0).await;
+        assert_eq!(status, 400);
+        assert_eq!((s.grace_reuses(), s.reuse_detections()), (1, 1));
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reuse_grace_is_for_the_previous_token_within_the_grace_only() {
+    timed(async {
+        let s = TestServer::start(ServerConfig::default());
+        let (_, rt0) = s.initial_tokens();
+        let (_, first) = refresh(&s, &rt0).await;
+        let rt1 = field(&first, "refresh_token").unwrap();
+        let (status, _) = refresh(&s, &rt1).await;
+        assert_eq!(status, 200);
+        // rt0 is no longer the previous token: reuse, even with a grace set now.
+        s.set_reuse_grace(Duration::from_secs(30));
+        let (status, _) = refresh(&s, &rt0).await;
+        assert_eq!(status, 400);
+        assert_eq!((s.grace_reuses(), s.reuse_detections()), (0, 1));
+
+        // Without a grace, the previous token is reuse at once.
+        let s = TestServer::start(ServerConfig::default());
+        let (_, rt0) = s.initial_tokens();
+        refresh(&s, &rt0).await;
+        let (status, _) = refresh(&s, &rt0).await;
+        assert_eq!(status, 400);
+        assert_eq!((s.grace_reuses(), s.reuse_detections()), (0, 1));
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hold_mode_rotates_on_arrival_and_holds_the_response() {
+    timed(async {
+        let s = TestServer::start(ServerConfig {
+            refresh_latency: Duration::from_secs(3600),
+            ..ServerConfig::default()
+        });
+        s.hold_refresh_responses(true);
+        let (_, rt0) = s.initial_tokens();
+        let url = s.url("/token");
+        let body = form(&rt0);
+        let held = tokio::spawn(async move {
+            client()
+                .post(url)
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body(body)
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap()
+        });
+        // Rotated on arrival (the hour of latency is skipped), response held.
+        assert!(s.wait_until_async(|c| c.held_responses == 1, LIMIT).await);
+        assert_eq!(s.successful_refreshes(), 1);
+        assert!(!held.is_finished());
+        s.release_held_responses();
+        let body = held.await.unwrap();
+        assert!(field(&body, "refresh_token").is_some(), "{body}");
+
+        // A client that goes away while held loses the new token for good.
+        let url = s.url("/token");
+        let rt1 = field(&body, "refresh_token").unwrap();
+        let body = form(&rt1);
+        let lost = tokio::spawn(async move {
+            client()
+                .post(url)
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body(body)
+                .send()
+                .await
+        });
+        assert!(s.wait_until_async(|c| c.held_responses == 2, LIMIT).await);
+        lost.abort();
+        let _ = lost.await;
+        s.hold_refresh_responses(false);
+        let (status, _) = refresh(&s, &rt1).await;
+        assert_eq!(status, 400, "rt1 was rotated on arrival");
+        assert_eq!((s.successful_refreshes(), s.reuse_detections()), (2, 1));
+    })
+    .await
+}

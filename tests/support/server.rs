@@ -25,6 +25,16 @@
 //!   401, `/forbidden` always 403, `/scope` always 401 with
 //!   `WWW-Authenticate: Bearer error="insufficient_scope"`.
 //!
+//! Reuse grace ([`ServerConfig::reuse_grace`], as Auth0, Cognito and Hydra offer): a
+//! session's *previous* refresh token is accepted once more within the grace after its
+//! rotation (counted in [`Counters::grace_reuses`], apart from reuse detections); any
+//! later presentation is reuse.
+//!
+//! Hold mode ([`TestServer::hold_refresh_responses`]): the token endpoint rotates on
+//! arrival and holds its response until [`TestServer::release_held_responses`], so a
+//! client killed meanwhile surely loses the new token ([`Counters::held_responses`]
+//! tells the test the rotation happened).
+//!
 //! The verdict of a protected request is fixed when it *arrives*; a 401 is then held back
 //! for `unauthorized_delay` (a "late 401"), so it stays a 401 even if a refresh completes
 //! meanwhile. A request counts as arrived (see [`TestServer::wait_for_arrivals`]) once its
@@ -59,6 +69,9 @@ pub struct ServerConfig {
     /// If true, a successful refresh also invalidates the session's older access tokens.
     /// Default false: like JWTs, old access tokens stay valid until they expire.
     pub revoke_old_access_on_refresh: bool,
+    /// How long after a rotation the previous refresh token is accepted once more.
+    /// Default zero: no grace, any second presentation is reuse.
+    pub reuse_grace: Duration,
 }
 
 impl Default for ServerConfig {
@@ -68,6 +81,7 @@ impl Default for ServerConfig {
             refresh_latency: Duration::ZERO,
             unauthorized_delay: Duration::ZERO,
             revoke_old_access_on_refresh: false,
+            reuse_grace: Duration::ZERO,
         }
     }
 }
@@ -83,6 +97,10 @@ pub struct Counters {
     pub successful_refreshes: u64,
     /// Times a used refresh token was presented (each revoked a session).
     pub reuse_detections: u64,
+    /// Previous refresh tokens accepted within the reuse grace (not reuse detections).
+    pub grace_reuses: u64,
+    /// Token-endpoint responses that were held (rotation done, response not sent yet).
+    pub held_responses: u64,
     /// Requests to protected endpoints whose verdict is fixed.
     pub arrivals: u64,
     /// 200s from protected endpoints.
@@ -99,6 +117,10 @@ struct AccessToken {
 struct RefreshToken {
     session: u64,
     used: bool,
+    /// When it was rotated (first presented with success).
+    used_at: Option<Instant>,
+    /// Whether its one presentation within the reuse grace happened.
+    grace_used: bool,
 }
 
 /// Everything mutable, behind one mutex.
@@ -106,6 +128,11 @@ struct State {
     cfg: ServerConfig,
     fail_refresh: Option<u16>,
     reject_refresh: bool,
+    hold_responses: bool,
+    /// Bumped by `release_held_responses`: a held response waits for a bump.
+    releases: u64,
+    /// session id -> its previous refresh token (the one rotated last).
+    previous: HashMap<u64, String>,
     next_id: u64,
     /// session id -> revoked?
     sessions: HashMap<u64, bool>,
@@ -142,6 +169,8 @@ impl State {
             RefreshToken {
                 session,
                 used: false,
+                used_at: None,
+                grace_used: false,
             },
         );
         (at, rt)
@@ -166,12 +195,25 @@ impl State {
         if self.sessions.get(&session) != Some(&false) {
             return Err("session revoked");
         }
+        let grace = self.cfg.reuse_grace;
+        if tok.used
+            && !tok.grace_used
+            && self.previous.get(&session).map(String::as_str) == Some(rt)
+            && tok.used_at.is_some_and(|at| at.elapsed() < grace)
+        {
+            tok.grace_used = true;
+            self.counters.grace_reuses += 1;
+            self.counters.successful_refreshes += 1;
+            return Ok(self.issue(session));
+        }
         if tok.used {
             self.sessions.insert(session, true);
             self.counters.reuse_detections += 1;
             return Err("refresh token reuse detected; session revoked");
         }
         tok.used = true;
+        tok.used_at = Some(Instant::now());
+        self.previous.insert(session, rt.to_owned());
         if self.cfg.revoke_old_access_on_refresh {
             self.access.retain(|_, t| t.session != session);
         }
@@ -221,6 +263,9 @@ impl TestServer {
             cfg: config,
             fail_refresh: None,
             reject_refresh: false,
+            hold_responses: false,
+            releases: 0,
+            previous: HashMap::new(),
             next_id: 0,
             sessions: HashMap::new(),
             access: HashMap::new(),
@@ -323,6 +368,29 @@ impl TestServer {
     /// While true, both token endpoints answer 400 invalid_grant and change nothing.
     pub fn reject_refresh(&self, reject: bool) {
         self.shared.update(|s| s.reject_refresh = reject);
+    }
+
+    /// While true, the token endpoints rotate on arrival (before any latency) and hold
+    /// their response until [`TestServer::release_held_responses`] or until hold mode
+    /// is turned off; each held response counts in [`Counters::held_responses`] once
+    /// its rotation is done.
+    pub fn hold_refresh_responses(&self, hold: bool) {
+        self.shared.update(|s| s.hold_responses = hold);
+    }
+
+    /// Sends every response held so far.
+    pub fn release_held_responses(&self) {
+        self.shared.update(|s| s.releases += 1);
+    }
+
+    /// Lets the previous refresh token of a session be accepted once more within `d`
+    /// of its rotation (applies to rotations already made too).
+    pub fn set_reuse_grace(&self, d: Duration) {
+        self.shared.update(|s| s.cfg.reuse_grace = d);
+    }
+
+    pub fn grace_reuses(&self) -> u64 {
+        self.counters().grace_reuses
     }
 
     pub fn counters(&self) -> Counters {
@@ -538,9 +606,12 @@ async fn protected(shared: &Shared, req: &Request<Incoming>) -> Resp {
 
 /// `POST /token` (form body) and `POST /cookie/refresh` (cookie).
 async fn token_endpoint(shared: &Shared, req: Request<Incoming>, cookie_mode: bool) -> Resp {
-    let latency = shared.update(|s| {
+    let (latency, hold) = shared.update(|s| {
         s.counters.refresh_calls += 1;
-        s.cfg.refresh_latency
+        (
+            s.cfg.refresh_latency,
+            s.hold_responses.then_some(s.releases),
+        )
     });
     let presented = if cookie_mode {
         Ok(cookie(&req, "refresh"))
@@ -553,7 +624,8 @@ async fn token_endpoint(shared: &Shared, req: Request<Incoming>, cookie_mode: bo
                 .and(get("refresh_token"))
         })
     };
-    if !latency.is_zero() {
+    // In hold mode the decision (and rotation) is taken on arrival.
+    if hold.is_none() && !latency.is_zero() {
         tokio::time::sleep(latency).await;
     }
     let outcome = shared.update(|s| {
@@ -579,6 +651,21 @@ async fn token_endpoint(shared: &Shared, req: Request<Incoming>, cookie_mode: bo
             .map(|(at, rt)| (at, rt, expires_in))
             .map_err(|d| (400, "invalid_grant", d))
     });
+    if let Some(releases) = hold {
+        shared.update(|s| s.counters.held_responses += 1);
+        loop {
+            let notified = shared.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable(); // register before checking: no lost wake-up
+            {
+                let s = shared.lock();
+                if !s.hold_responses || s.releases > releases {
+                    break;
+                }
+            }
+            notified.await;
+        }
+    }
     match outcome {
         Ok((at, rt, expires_in)) if cookie_mode => {
             let mut resp = json(StatusCode::OK, format!(r#"{{"expires_in":{expires_in}}}"#));
