@@ -602,6 +602,7 @@ async fn hold_mode_rotates_on_arrival_and_holds_the_response() {
         lost.abort();
         let _ = lost.await;
         s.hold_refresh_responses(false);
+        s.set_refresh_latency(Duration::ZERO);
         let (status, _) = refresh(&s, &rt1).await;
         assert_eq!(status, 400, "rt1 was rotated on arrival");
         assert_eq!((s.successful_refreshes(), s.reuse_detections()), (2, 1));
