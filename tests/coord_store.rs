@@ -891,3 +891,149 @@ fn secrets_stay_out_of_the_store_and_of_debug_output() {
     }
     assert!(output.len() >= 10);
 }
+
+// ------------------------------------------------------------ wake-ups, cancellation
+
+/// A waiter is woken by the commit: with a 30 s timeout and a 30 s lease it
+/// returns as soon as the holder commits.
+fn woken_by_commit(fx: Fixture) {
+    let lease = Duration::from_secs(30);
+    let mut a = fx.child(lease, Duration::ZERO, Mode::Smol);
+    let mut b = fx.child(lease, Duration::ZERO, Mode::Tokio);
+    let mut c = fx.child(lease, Duration::ZERO, Mode::Blocking);
+    let g = fx
+        .handle(lease)
+        .sign_in_blocking(&"t1".into(), None)
+        .unwrap()
+        .generation
+        .get();
+    assert!(a.ask(&format!("claim {g}")).starts_with("claimed"));
+    for waiter in [&mut b, &mut c] {
+        assert_eq!(waiter.ask(&format!("claim {g}")), "busy");
+        waiter.send("wait 30000");
+    }
+    let committed_at = Instant::now();
+    assert_eq!(a.ask("commit t2"), format!("committed {}", g + 1));
+    for waiter in [&mut b, &mut c] {
+        assert_eq!(waiter.recv(), format!("g={} state=ready token=t2", g + 1));
+    }
+    let woken = committed_at.elapsed();
+    assert!(woken < Duration::from_secs(5), "woken after {woken:?}");
+}
+
+#[test]
+fn waiters_are_woken_by_the_commit_file() {
+    woken_by_commit(Fixture::file());
+}
+
+#[test]
+fn waiters_are_woken_by_the_commit_redis() {
+    woken_by_commit(Fixture::redis());
+}
+
+/// An async claim dropped after it was sent (held up in the store: the
+/// file's record lock taken by the test, or Redis paused for writes) is
+/// released in the background once it lands: the record is not left
+/// `sending` (nor read as lost), and the next claim wins at once.
+fn cancelled_claim(mut fx: Fixture, rt: coord_rt::Rt) {
+    let cancelled = fx.handle(LONG);
+    let other = fx.handle(LONG);
+    let g = other
+        .sign_in_blocking(&"t1".into(), None)
+        .unwrap()
+        .generation;
+    let file_lock = rt.block_on(async {
+        // Connected first, so that the claim is sent at once.
+        cancelled.read().await.unwrap();
+        let file_lock = match &fx.backend {
+            Backend::File(dir) => {
+                let lock = std::fs::File::open(dir.join("api.lock")).unwrap();
+                lock.lock().unwrap();
+                Some(lock)
+            }
+            Backend::Redis(server) => {
+                server
+                    .cmd(&[b"CLIENT", b"PAUSE", b"20000", b"WRITE"])
+                    .unwrap();
+                None
+            }
+        };
+        let calls_before = cancelled.stats().store_calls;
+        let mut claim = Box::pin(cancelled.claim(g));
+        assert!(futures::poll!(&mut claim).is_pending());
+        if !fx.is_file() {
+            // Sent: Redis holds it back (a blocked client).
+            let until = Instant::now() + Duration::from_secs(10);
+            loop {
+                let info: String = redis::cmd("INFO")
+                    .arg("clients")
+                    .query(&mut fx.redis_server().admin())
+                    .unwrap();
+                if info.contains("blocked_clients:1") {
+                    break;
+                }
+                assert!(Instant::now() < until, "the claim never reached Redis");
+                assert!(futures::poll!(&mut claim).is_pending());
+            }
+        }
+        drop(claim);
+        (file_lock, calls_before)
+    });
+    let (file_lock, calls_before) = file_lock;
+    match file_lock {
+        Some(lock) => drop(lock),
+        None => {
+            fx.redis_server().cmd(&[b"CLIENT", b"UNPAUSE"]).unwrap();
+        }
+    }
+    // claim, release: wait for the background release.
+    let until = Instant::now() + Duration::from_secs(10);
+    while cancelled.stats().store_calls < calls_before + 2 {
+        assert!(Instant::now() < until, "{:?}", cancelled.stats());
+        std::thread::yield_now();
+    }
+    let outcome = other.claim_blocking(g).unwrap();
+    let ClaimOutcome::Claimed(claim) = outcome else {
+        panic!("{outcome:?}")
+    };
+    assert_eq!(claim.token().map(String::as_str), Some("t1"));
+    assert_eq!(cancelled.stats().claims_won, 0);
+}
+
+mod coord_rt {
+    /// The runtimes a cancelled claim is tried on.
+    #[derive(Clone, Copy)]
+    pub enum Rt {
+        Tokio,
+        Smol,
+    }
+
+    impl Rt {
+        pub fn block_on<F: Future>(self, f: F) -> F::Output {
+            match self {
+                Rt::Tokio => tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()
+                    .unwrap()
+                    .block_on(f),
+                Rt::Smol => smol::block_on(f),
+            }
+        }
+    }
+}
+
+#[test]
+fn cancelled_async_claim_is_released_file() {
+    cancelled_claim(Fixture::file(), coord_rt::Rt::Smol);
+}
+
+#[test]
+fn cancelled_async_claim_is_released_redis_tokio() {
+    cancelled_claim(Fixture::redis(), coord_rt::Rt::Tokio);
+}
+
+#[test]
+fn cancelled_async_claim_is_released_redis_smol() {
+    cancelled_claim(Fixture::redis(), coord_rt::Rt::Smol);
+}
