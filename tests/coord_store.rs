@@ -3,6 +3,8 @@
 //!
 //! Needs `redis-server` on the PATH: without it these tests fail, they do
 //! not skip (`.ci/run` installs it).
+// The features under test need Rust 1.89 (`file-coordination`), as this does.
+#![allow(clippy::incompatible_msrv)]
 
 #[path = "support/coord_child.rs"]
 mod coord_child;

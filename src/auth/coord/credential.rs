@@ -947,6 +947,10 @@ impl<T: Send + 'static> SharedCredential<T> {
     /// kept, and the whole fleet gets [`CoordError::CoolingDown`] from
     /// claims for `cooldown` (none at all with `Duration::ZERO`).
     ///
+    /// After a grace re-claim ([`Claim::is_grace_reclaim`]) the record is
+    /// left [`Lost`](SharedState::Lost) instead: that refresh token was
+    /// presented twice already, a third time would be reuse.
+    ///
     /// # Cancel safety
     ///
     /// As [`reject`](Self::reject).
