@@ -988,7 +988,8 @@ fn cancelled_claim(mut fx: Fixture, rt: coord_rt::Rt) {
             fx.redis_server().cmd(&[b"CLIENT", b"UNPAUSE"]).unwrap();
         }
     }
-    // claim, release: wait for the background release.
+    // claim, release: wait until the background release is done (counted
+    // once answered).
     let until = Instant::now() + Duration::from_secs(10);
     while cancelled.stats().store_calls < calls_before + 2 {
         assert!(Instant::now() < until, "{:?}", cancelled.stats());

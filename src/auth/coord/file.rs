@@ -336,8 +336,10 @@ impl FileSlot {
 
 impl Slot for FileSlot {
     fn apply_blocking(&self, op: &Op) -> Result<Applied, CoordError> {
+        let applied = self.apply_locked(op);
+        // Counted once done, so a count tells the operation happened.
         self.calls.fetch_add(1, Ordering::Relaxed);
-        self.apply_locked(op)
+        applied
     }
 
     fn apply(self: Arc<Self>, op: Op) -> BoxFuture<Result<Applied, CoordError>> {

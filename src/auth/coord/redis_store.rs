@@ -538,8 +538,8 @@ impl Drop for ReleaseIfDropped {
         let _ = std::thread::Builder::new()
             .name("epochflight-redis-release".into())
             .spawn(move || {
-                slot.count();
                 let _ = crate::block_on::block_on(cmd.query_async::<Value>(&mut conn));
+                slot.count(); // once answered: the claim before it has landed too
             });
     }
 }
