@@ -232,7 +232,20 @@ fn holder_killed(fx: Fixture, lease: Duration) {
     let killed_at = Instant::now();
     a.kill();
     assert_eq!(b.recv(), format!("g={g} state=lost token=-"));
-    if fx.is_file() {
+    if let Backend::File(dir) = &fx.backend {
+        // The kernel freed the dead holder's lock at once.
+        let holders: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "holder"))
+            .collect();
+        assert_eq!(holders.len(), 1, "{holders:?}");
+        let lock = std::fs::File::open(&holders[0]).unwrap();
+        assert!(
+            lock.try_lock().is_ok(),
+            "the dead holder's lock is still held"
+        );
+        drop(lock);
         let after_kill = killed_at.elapsed();
         assert!(
             after_kill < lease / 2,
@@ -1039,4 +1052,46 @@ fn cancelled_async_claim_is_released_redis_tokio() {
 #[test]
 fn cancelled_async_claim_is_released_redis_smol() {
     cancelled_claim(Fixture::redis(), coord_rt::Rt::Smol);
+}
+
+// ------------------------------------------------------------ expiry
+
+/// Expiries are stored in the store's clock and read back as this process's
+/// instants: a token committed as expiring in 60 s reads so elsewhere.
+fn expiry(fx: Fixture) {
+    let a = fx.handle(LONG);
+    let b = fx.handle(LONG);
+    let in_a_minute = Instant::now() + Duration::from_secs(60);
+    let g = a
+        .sign_in_blocking(&"t1".into(), Some(in_a_minute))
+        .unwrap()
+        .generation;
+    let seen = b.read_blocking().unwrap();
+    let at = seen.expires_at.expect("an expiry");
+    let near = |at: Instant, want: Instant| {
+        let gap = if at > want { at - want } else { want - at };
+        gap < Duration::from_secs(2)
+    };
+    assert!(near(at, in_a_minute), "{at:?} vs {in_a_minute:?}");
+    let ClaimOutcome::Claimed(claim) = b.claim_blocking(g).unwrap() else {
+        panic!("not claimed")
+    };
+    assert!(near(claim.expires_at().unwrap(), in_a_minute));
+    let in_an_hour = Instant::now() + Duration::from_secs(3600);
+    b.commit_blocking(claim, &"t2".into(), Some(in_an_hour))
+        .unwrap();
+    assert!(near(
+        a.read_blocking().unwrap().expires_at.unwrap(),
+        in_an_hour
+    ));
+}
+
+#[test]
+fn expiry_is_kept_in_the_store_clock_file() {
+    expiry(Fixture::file());
+}
+
+#[test]
+fn expiry_is_kept_in_the_store_clock_redis() {
+    expiry(Fixture::redis());
 }
