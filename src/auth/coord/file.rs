@@ -16,8 +16,14 @@
 //!   they are woken by the holder's commit (or death) with no polling.
 //!
 //! Every wait is bounded: a lock another process keeps is waited for on a
-//! helper thread, which the caller leaves after its timeout. Async calls
-//! run on [`blocking`]'s thread pool, so they never block the executor.
+//! helper thread, which the caller leaves after its timeout (the thread
+//! ends when that lock is released, at the latest when its holder exits).
+//! Async calls run on [`blocking`]'s thread pool, so they never block the
+//! executor.
+//!
+//! A waiter wakes when the holder finishes (commit, reject, failure, exit)
+//! or at the lease's end; a `sign_in` or `sign_out` by a third process
+//! meanwhile is seen then (the holder's commit is fenced by it).
 
 use std::fs::{self, File, OpenOptions, TryLockError};
 use std::io::{self, Write};
