@@ -63,6 +63,7 @@
 
 use std::any::Any;
 
+pub mod coord;
 mod credential;
 mod error;
 mod manager;
