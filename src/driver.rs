@@ -84,10 +84,12 @@ impl<'a, K, T, E, S> Driver<'a, K, T, E, S> {
         matches!(self.progress, Progress::Unstarted)
     }
 
-    /// Calls the caller's closure to make the work.
+    /// Calls the caller's closure to make the work (marked as driving the
+    /// flight: a call the closure makes on the same key is nested).
     pub(crate) fn start(&mut self, make: impl FnOnce() -> Work<T, E>) {
         self.progress = Progress::InUserCode;
-        self.progress = Progress::Paused(make());
+        let work = flight::driving(self.registry.address(), self.id, make);
+        self.progress = Progress::Paused(work);
     }
 }
 

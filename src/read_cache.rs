@@ -113,7 +113,9 @@ impl<K, T> ReadCache<K, T> {
     }
 
     /// Fills this thread's slot with what the map said about `key` at
-    /// `version`.
+    /// `version`, unless the map changed since: a `forget` in between bumped
+    /// the version before it emptied the slots, so a value it removed is not
+    /// put back here.
     pub(crate) fn fill(
         &self,
         version: u64,
@@ -127,7 +129,13 @@ impl<K, T> ReadCache<K, T> {
             value,
             in_flight,
         };
-        let replaced = self.slots.mine().lock().entry.replace(entry);
+        let mut slot = self.slots.mine().lock();
+        let replaced = if self.version.load(Ordering::Acquire) == version {
+            slot.entry.replace(entry)
+        } else {
+            Some(entry)
+        };
+        drop(slot);
         drop(replaced);
     }
 

@@ -257,15 +257,17 @@ impl<K, T, E, S> Registry<K, T, E, S> {
                 });
             }
             (work, _) => {
-                // First the work's destructor, then the key is free (I5).
+                // First the work's destructor, then the key is free (I5);
+                // freed also if that destructor panics.
+                let _release = ReleaseOnDrop(self, id);
                 drop(work);
-                self.release(id);
             }
         }
     }
 
     /// Frees flight `id`, whose work (if any) was dropped: it leaves the
-    /// table, or becomes vacant for heirs that joined meanwhile.
+    /// table, or becomes vacant for heirs that joined meanwhile. Runs no user
+    /// code but the drops of the flight's leftovers, once unlocked.
     fn release(&self, id: FlightId) {
         let mut map = self.map.lock();
         let flight = map.flights.get(id);
@@ -282,6 +284,16 @@ impl<K, T, E, S> Registry<K, T, E, S> {
         };
         drop(map);
         drop((wake, removed));
+    }
+}
+
+/// Releases a flight when dropped: after its work's destructor, even one
+/// that panics.
+struct ReleaseOnDrop<'a, K, T, E, S>(&'a Registry<K, T, E, S>, FlightId);
+
+impl<K, T, E, S> Drop for ReleaseOnDrop<'_, K, T, E, S> {
+    fn drop(&mut self) {
+        self.0.release(self.1);
     }
 }
 
