@@ -90,13 +90,14 @@ where
             // the work panicked.
             match self {
                 CallState::Driving(driver) => {
-                    if driver.is_unstarted() {
+                    let finished = if driver.is_unstarted() {
                         let make = make
                             .take()
                             .expect("an epochflight call was polled after it panicked");
-                        driver.start(|| make.make());
-                    }
-                    let finished = ready!(driver.poll_work(cx));
+                        ready!(driver.start(|| make.make(), cx))
+                    } else {
+                        ready!(driver.poll_work(cx))
+                    };
                     let role = driver.role();
                     *self = CallState::Done;
                     return Poll::Ready(with_role(finished, role));

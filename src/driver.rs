@@ -83,14 +83,6 @@ impl<'a, K, T, E, S> Driver<'a, K, T, E, S> {
     pub(crate) fn is_unstarted(&self) -> bool {
         matches!(self.progress, Progress::Unstarted)
     }
-
-    /// Calls the caller's closure to make the work (marked as driving the
-    /// flight: a call the closure makes on the same key is nested).
-    pub(crate) fn start(&mut self, make: impl FnOnce() -> Work<T, E>) {
-        self.progress = Progress::InUserCode;
-        let work = flight::driving(self.registry.address(), self.id, make);
-        self.progress = Progress::Paused(work);
-    }
 }
 
 impl<K, T, E, S> Driver<'_, K, T, E, S>
@@ -102,10 +94,27 @@ where
     /// Polls the work; once it is done, stores and publishes the result and
     /// returns the caller's copy.
     pub(crate) fn poll_work(&mut self, cx: &mut Context<'_>) -> Poll<Finished<T, E>> {
-        let Progress::Paused(mut work) = mem::replace(&mut self.progress, Progress::InUserCode)
-        else {
+        let Progress::Paused(work) = mem::replace(&mut self.progress, Progress::InUserCode) else {
             panic!("an epochflight call was polled after it completed or panicked");
         };
+        self.poll_taken(work, cx)
+    }
+
+    /// Calls the caller's closure to make the work, and polls it a first
+    /// time. Both run marked as driving the flight: a call they make on the
+    /// same key is nested. (The fresh work is polled before it is stored:
+    /// reading it back right after storing it costs a stall.)
+    pub(crate) fn start(
+        &mut self,
+        make: impl FnOnce() -> Work<T, E>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Finished<T, E>> {
+        self.progress = Progress::InUserCode;
+        let work = flight::driving(self.registry.address(), self.id, make);
+        self.poll_taken(work, cx)
+    }
+
+    fn poll_taken(&mut self, mut work: Work<T, E>, cx: &mut Context<'_>) -> Poll<Finished<T, E>> {
         let map = self.registry.address();
         match flight::driving(map, self.id, || work.poll(cx)) {
             Poll::Pending => {

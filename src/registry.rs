@@ -557,7 +557,8 @@ where
             }
         };
         drop(map);
-        drop((flight, replaced));
+        drop(replaced);
+        drop(flight);
         own.map(|value| (value, stamp))
     }
 

@@ -61,10 +61,19 @@ pub(crate) use std::sync::Arc as StdArc;
 /// shared slot is the case with the most interleavings.
 #[cfg(not(loom))]
 pub(crate) fn reader_number() -> usize {
+    use std::cell::Cell;
     use std::sync::atomic::AtomicUsize;
     static NEXT: AtomicUsize = AtomicUsize::new(0);
-    thread_local!(static NUMBER: usize = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
-    NUMBER.with(|n| *n)
+    // Const-initialised (one plain load on every read); numbered on first use.
+    thread_local!(static NUMBER: Cell<usize> = const { Cell::new(usize::MAX) });
+    NUMBER.with(|number| match number.get() {
+        usize::MAX => {
+            let next = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % (usize::MAX - 1);
+            number.set(next);
+            next
+        }
+        assigned => assigned,
+    })
 }
 
 #[cfg(loom)]
