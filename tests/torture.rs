@@ -2305,10 +2305,10 @@ where
     for key in 0..ctx.cfg.keys {
         sf.forget(&K(key));
     }
-    if !sf.is_empty() || sf.len() != 0 {
+    let len = sf.len();
+    if !sf.is_empty() || len != 0 {
         ctx.fail(format!(
-            "quiescence: not empty after forgetting every key: len {}, {sf:?}",
-            sf.len()
+            "quiescence: not empty after forgetting every key: len {len}, {sf:?}"
         ));
     }
     let retained_in_slots = ctx.live_vals.load(SeqCst);
