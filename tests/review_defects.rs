@@ -224,6 +224,44 @@ fn an_async_call_from_a_leader_s_closure_into_its_own_key_is_dropped_with_the_wo
     assert!(!sf.is_in_flight("k"), "no orphan is left behind");
 }
 
+/// (c) The same holds for the work's destructor, which also runs outside
+/// `flight::driving` while its flight is still in the table (`attend` drops
+/// the work before `release`; `Driver::poll_work` drops a finished work
+/// before `complete`): a blocking call on the key from there joins the
+/// flight as a blocking follower and waits for a flight whose only
+/// responsible party is itself. The same fix applies to those two drops.
+#[test]
+#[ignore = "DEFECT 2c (review): hangs (fails after a timeout) on the current core"]
+fn a_blocking_call_from_the_destructor_of_cancelled_work_into_its_own_key_does_not_hang() {
+    struct CallsBackOnDrop(&'static SingleFlight<&'static str, u32>);
+    impl Drop for CallsBackOnDrop {
+        fn drop(&mut self) {
+            // E.g. a guard that reads the key's latest value when it goes.
+            let _ = self.0.get_blocking("k", || 0);
+        }
+    }
+    let sf: &'static SingleFlight<&'static str, u32> = Box::leak(Box::new(SingleFlight::new()));
+    let dropped = returns_within(
+        "dropping a cancelled work whose destructor calls get_blocking",
+        move || {
+            let mut leader = Box::pin(sf.run("k", move || async move {
+                let _guard = CallsBackOnDrop(sf);
+                std::future::pending::<u32>().await
+            }));
+            assert!(poll_once(leader.as_mut()).is_pending());
+            // The lone leader is cancelled: the work is dropped, its destructor
+            // calls into the key while the flight is still there.
+            catch_unwind(AssertUnwindSafe(|| drop(leader))).map_err(|panic| message(&*panic))
+        },
+    );
+    // Either the nested blocking call panics ("wait for itself"), as it does
+    // from the work's poll, or it runs after the key was freed; it must not
+    // wait for itself.
+    if let Err(message) = dropped {
+        assert!(message.contains("wait for itself"), "message: {message}");
+    }
+}
+
 // ---------------------------------------------------------------------------
 // DEFECT 3: a forgotten value can stay in a reader's slot after `forget`.
 //
