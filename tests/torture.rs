@@ -57,6 +57,7 @@
 //! - `TORTURE_SEED=s`: run only seed `s` (to reproduce a failure: the seed
 //!   fixes every random choice, not the threads' interleaving, so run it a
 //!   few times).
+//! - `TORTURE_SCALE=n` (default 1): `n` times more operations per caller.
 //! - `TORTURE_OP_TIMEOUT_SECS` (default 30): the watchdog's limit per op.
 //! - `TORTURE_STRICT_SLOTS=1`: also fail when a forgotten value is still
 //!   alive after `forget` of every key (kept by a reader's slot; see
@@ -248,7 +249,8 @@ impl Config {
             blocking_threads: rng.range(1, 3) as usize,
             tokio_tasks: rng.range(1, 6) as usize,
             smol_tasks: rng.range(1, 6) as usize,
-            ops_per_worker: rng.range(40, 160) as usize,
+            ops_per_worker: rng.range(40, 160) as usize
+                * env_u64("TORTURE_SCALE").unwrap_or(1).max(1) as usize,
             spawner,
             fallible: rng.percent(50),
             colliding_hasher: rng.percent(25),
@@ -2380,10 +2382,11 @@ fn torture() {
         }
     };
     eprintln!(
-        "torture: first seed {} ({} seeds{})",
+        "torture: first seed {}, {}",
         seeds[0],
-        if budget.is_some() { "up to" } else { "exactly" },
-        budget.map_or(format!(", {}", seeds.len()), |b| format!(" for {b:?}"))
+        budget.map_or(format!("{} seed(s)", seeds.len()), |b| format!(
+            "consecutive seeds for {b:?}"
+        ))
     );
     let started = Instant::now();
     let mut totals = [0usize; 18];
