@@ -6,8 +6,10 @@
 //! `refresh_if_current` with fresh, stale, `NONE` and newer epochs, `get`,
 //! the `try_*` forms with random errors, the blocking twins, `current`,
 //! `epoch`, `set`, `forget`, `is_in_flight`, `waiters`, `len`). Async calls
-//! are cancelled at random points (dropped before their first poll or after
-//! N polls); works yield, fail, panic, call back into the same
+//! are cancelled at random points: before their first poll, right after
+//! their Nth pending poll, or when next woken after N polls without being
+//! polled (a follower leaving just as its flight is handed to it, published
+//! or vacated). Works yield, fail, panic, call back into the same
 //! `SingleFlight` (from the closure, the work, its destructor, the values'
 //! and errors' destructors, and the spawner: I8, a lock held there
 //! deadlocks and the watchdog reports it), set or forget keys from inside,
@@ -15,7 +17,11 @@
 //! that no work waits for itself). Half of the seeds set a spawner (tokio,
 //! smol, threads, or a mix that sometimes drops the task unrun or after a
 //! few polls, as an executor shutting down does); a quarter use a hasher
-//! under which keys collide.
+//! under which keys collide. Most seeds also *jitter*: the user code the
+//! crate runs (keys' `Hash`/`Eq`/`Clone`/`Drop`, values' and errors'
+//! `Clone`/`Drop`, works, closures, wakers, the spawner) now and then yields
+//! the thread or pauses, as preemption on a loaded machine would, so that
+//! the races do not depend on the machine's load.
 //!
 //! What is checked, while it runs:
 //! - I1/I5: at most one work of the key's attached flights is alive at any
@@ -41,6 +47,9 @@
 //! - Every operation returns: a watchdog fails the seed when one takes
 //!   longer than the op timeout (a lost wake-up, a flight nobody is
 //!   responsible for, a lock held around user code).
+//! - The result of a flight that a `forget`/`set` certainly cut loose (one
+//!   that returned between the work's creation and its end) is never read
+//!   back as the stored value.
 //! - Unexpected panics (anything but the works' own) fail the seed.
 //!
 //! And at quiescence: no key in flight, no waiter, no flight cut loose left
@@ -48,7 +57,26 @@
 //! completed on a caller's poll matches that caller's outcome (`Led` if it
 //! was its own, `Joined` if it took it over); `forget` of every key leaves
 //! the map empty (`is_empty`); nothing holds the `SingleFlight`; once it is
-//! dropped no value or error is alive (I7).
+//! dropped no value or error is alive (I7). With 10 seeds or more, every
+//! path the checks are about must have been taken at least once (hand-offs,
+//! spawner completions, panics, cancellations, stale refreshes, …).
+//!
+//! Not checked here: that a cancelled driver's work goes to a waiting heir
+//! rather than being dropped and restarted by a promoted heir (the test
+//! cannot tell that promotion from a legitimate one; a core that never hands
+//! work on fails only the coverage check, `took_over`; the deterministic
+//! tests in async_flights.rs cover the hand-off), and that `get` joins a
+//! flight in progress rather than reusing the stored value.
+//!
+//! The checks were validated by mutation: each of these faults, injected
+//! into a copy of the core, fails the test within a few hundred seeds:
+//! the key freed before the dropped work's destructor ran (I1/I5), `forget`
+//! or a stored result not invalidating the read slots (stale reads), the
+//! reuse rule `>=` instead of `>` (I3), the last heir of orphaned work
+//! leaving nobody responsible (quiescence), lost wake-ups on publish and on
+//! hand-off (watchdog), an adopter reporting `Led` (roles), an epoch issued
+//! twice, a cut-loose flight's result stored, the work dropped under the
+//! map lock (I8, watchdog), blocking heirs never adopting (watchdog).
 //!
 //! Environment:
 //! - `TORTURE_SECS` (default 20): run seeds for about this long.
