@@ -10,7 +10,7 @@ use std::task::{Context, Poll};
 use crate::block_on::block_on;
 use crate::epoch::Role;
 use crate::flight::{self, Finished, FlightId};
-use crate::registry::{Orphan, Registry};
+use crate::registry::{Detached, Registry};
 use crate::spawner::Task;
 use crate::sync::StdArc;
 use crate::work::Work;
@@ -52,6 +52,17 @@ impl<'a, K, T, E, S> Driver<'a, K, T, E, S> {
         work: Work<T, E>,
     ) -> Self {
         Self::new(registry, id, Progress::Paused(work), true)
+    }
+
+    /// The task on the spawner that finishes detached work.
+    fn on_spawner(
+        registry: &'a StdArc<Registry<K, T, E, S>>,
+        id: FlightId,
+        work: Work<T, E>,
+    ) -> Self {
+        let mut driver = Self::new(registry, id, Progress::Paused(work), true);
+        driver.on_spawner = true;
+        driver
     }
 
     fn new(
@@ -122,8 +133,9 @@ where
                 Poll::Pending
             }
             Poll::Ready(result) => {
-                // The finished future goes first, outside every lock.
-                drop(work);
+                // The finished future goes first, outside every lock, as the
+                // flight's work (a call its destructor makes is nested).
+                flight::driving(map, self.id, || drop(work));
                 Poll::Ready(self.finish(result))
             }
         }
@@ -161,10 +173,10 @@ impl<K, T, E, S> Drop for Driver<'_, K, T, E, S> {
     }
 }
 
-/// The task that finishes an orphan's work on the spawner and stores its
+/// The task that finishes detached work on the spawner and stores its
 /// result as an awaited flight would. Made by `SingleFlight::with_spawner`,
 /// where the `Send + 'static` bounds hold.
-pub(crate) fn finish_on_spawner<K, T, E, S>(mut orphan: Orphan<K, T, E, S>) -> Task
+pub(crate) fn finish_on_spawner<K, T, E, S>(mut detached: Detached<K, T, E, S>) -> Task
 where
     K: Eq + Clone + Send + 'static,
     T: Clone + Send + 'static,
@@ -172,9 +184,8 @@ where
     S: Send + Sync + 'static,
 {
     Box::pin(async move {
-        let work = orphan.work.take().expect("an orphan is spawned once");
-        let mut driver = Driver::adopting(&orphan.registry, orphan.id, work);
-        driver.on_spawner = true;
+        let work = detached.work.take().expect("detached work is spawned once");
+        let mut driver = Driver::on_spawner(&detached.registry, detached.id, work);
         // The result has no caller: it is stored and published, then dropped.
         drop(poll_fn(|cx| driver.poll_work(cx)).await);
     })

@@ -20,9 +20,12 @@
 //! - Slots are filled on a thread's second miss for the same key in a row
 //!   (or when its own key went stale), so scrambled reads clone nothing
 //!   extra; `forget` empties the slots that hold its key's value.
-//! - Lock order: slot, then map; the map lock is never held while a slot is
-//!   locked by a writer (writers only empty slots, after unlocking the map).
-//!   A value replaced in a slot is dropped after the slot is unlocked (I8).
+//! - A slot and the map are never locked together: a reader looks at its
+//!   slot, and on a miss reads the map, then fills the slot once the map is
+//!   unlocked, only if the version is still the one it read under the map
+//!   lock. `forget` changes the version before it empties the slots, so a
+//!   value it removed is never put back by a fill racing it. A value
+//!   replaced in a slot is dropped after the slot is unlocked (I8).
 
 use std::borrow::Borrow;
 

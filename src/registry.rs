@@ -45,7 +45,7 @@ pub(crate) struct Registry<K, T, E, S> {
     hasher: S,
     map: Mutex<Map<K, T, E>>,
     reads: ReadCache<K, T>,
-    spawner: Option<Spawner<Orphan<K, T, E, S>>>,
+    spawner: Option<Spawner<Detached<K, T, E, S>>>,
 }
 
 /// What the map lock guards.
@@ -115,13 +115,13 @@ fn unmark<K: Eq, T, E>(map: &mut Map<K, T, E>, id: FlightId) {
 /// takes the work out to drive it; if the task is dropped before it ran (an
 /// executor shutting down), the drop gives the flight up: its joiners take
 /// the work over, or the key is freed, and it is not spawned again.
-pub(crate) struct Orphan<K, T, E, S> {
+pub(crate) struct Detached<K, T, E, S> {
     pub(crate) registry: StdArc<Registry<K, T, E, S>>,
     pub(crate) id: FlightId,
     pub(crate) work: Option<Work<T, E>>,
 }
 
-impl<K, T, E, S> Drop for Orphan<K, T, E, S> {
+impl<K, T, E, S> Drop for Detached<K, T, E, S> {
     fn drop(&mut self) {
         if let Some(work) = self.work.take() {
             self.registry.give_up(self.id, Some(work), false);
@@ -179,7 +179,7 @@ impl<K, T, E, S> Registry<K, T, E, S> {
         }
     }
 
-    pub(crate) fn set_spawner(&mut self, spawner: Spawner<Orphan<K, T, E, S>>) {
+    pub(crate) fn set_spawner(&mut self, spawner: Spawner<Detached<K, T, E, S>>) {
         self.spawner = Some(spawner);
     }
 
@@ -221,7 +221,7 @@ impl<K, T, E, S> Registry<K, T, E, S> {
         drop(map);
         match handed {
             Ok(wake) => drop(wake),
-            Err(unattended) => self.attend(id, unattended, may_spawn),
+            Err(unattended) => self.spawn_or_release(id, unattended, may_spawn),
         }
     }
 
@@ -237,20 +237,25 @@ impl<K, T, E, S> Registry<K, T, E, S> {
         drop((left.waker, left.wake));
         if let Some(unattended) = left.unattended {
             // It was the last heir of a flight nobody drives.
-            self.attend(id, unattended, true);
+            self.spawn_or_release(id, unattended, true);
         }
     }
 
     /// Takes responsibility for flight `id`, which nobody drives and nobody
     /// can take over: spawn its work, or drop it and release the flight.
-    fn attend(self: &StdArc<Self>, id: FlightId, unattended: Unattended<T, E>, may_spawn: bool) {
+    fn spawn_or_release(
+        self: &StdArc<Self>,
+        id: FlightId,
+        unattended: Unattended<T, E>,
+        may_spawn: bool,
+    ) {
         let Unattended {
             work,
             waits_for_itself,
         } = unattended;
         match (work, &self.spawner) {
             (Some(work), Some(spawner)) if may_spawn && !waits_for_itself => {
-                spawner.spawn(Orphan {
+                spawner.spawn(Detached {
                     registry: self.clone(),
                     id,
                     work: Some(work),
@@ -258,9 +263,10 @@ impl<K, T, E, S> Registry<K, T, E, S> {
             }
             (work, _) => {
                 // First the work's destructor, then the key is free (I5);
-                // freed also if that destructor panics.
+                // freed also if that destructor panics. The destructor runs
+                // as the flight's work: a call it makes on the key is nested.
                 let _release = ReleaseOnDrop(self, id);
-                drop(work);
+                flight::driving(self.address(), id, || drop(work));
             }
         }
     }

@@ -2,7 +2,7 @@
 //!
 //! It knows nothing of the map: it holds the user's spawn function and a
 //! function, chosen where `with_spawner`'s `Send + 'static` bounds hold, that
-//! turns an orphaned flight (`O`) into the task to spawn.
+//! turns a detached flight (`O`) into the task to spawn.
 
 use std::fmt;
 use std::future::Future;
@@ -21,10 +21,10 @@ impl<O> Spawner<O> {
         Self { spawn, finish }
     }
 
-    /// Spawns the task that finishes `orphan`. Call with no lock held: the
+    /// Spawns the task that finishes `detached`. Call with no lock held: the
     /// user's spawner may call back into the same `SingleFlight` (I8).
-    pub(crate) fn spawn(&self, orphan: O) {
-        (self.spawn)((self.finish)(orphan));
+    pub(crate) fn spawn(&self, detached: O) {
+        (self.spawn)((self.finish)(detached));
     }
 }
 

@@ -1,28 +1,21 @@
-//! DEFECTS found by the torture review of the core (h-torture). Each test
-//! here FAILS on the core as merged in `1cdfaaf` and is `#[ignore]`d so that
-//! `cargo test --all-features` stays green until the fix lands; run them with
-//!
-//! ```text
-//! cargo test --test review_defects -- --ignored
-//! ```
-//!
-//! and remove the `#[ignore]` together with the fix. Each test forces its
-//! interleaving (gates, polls by hand); those that would hang on the current
-//! code run under a short timeout and fail loudly instead.
+//! Defects found by the review of the core (the torture run's review), each
+//! with the test that failed before its fix: a panicking destructor of
+//! cancelled work, calls into a flight's own key from its closure or its
+//! destructor, and a read slot racing `forget` (checked by loom instead).
+//! Each test forces its interleaving (gates, polls by hand); those that
+//! would hang run under a short timeout and fail loudly instead.
 
 mod common;
 
-use std::cell::Cell;
 use std::future::Future;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicIsize, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use common::Gate;
 use epochflight::{Role, SingleFlight};
 use futures::task::noop_waker;
 
@@ -88,7 +81,6 @@ impl Drop for PanicsOnDrop {
 }
 
 #[test]
-#[ignore = "DEFECT 1 (review): fails on the current core; see the comment above"]
 fn a_panicking_destructor_of_cancelled_work_does_not_wedge_the_key() {
     let sf: Arc<SingleFlight<&'static str, u32>> = Arc::new(SingleFlight::new());
     let mut leader = Box::pin(sf.run("k", || async {
@@ -118,7 +110,6 @@ fn a_panicking_destructor_of_cancelled_work_does_not_wedge_the_key() {
 
 /// The same through the last heir of orphaned work leaving.
 #[test]
-#[ignore = "DEFECT 1 (review): fails on the current core; see the comment above"]
 fn a_panicking_destructor_of_orphaned_work_does_not_wedge_the_key() {
     let sf: Arc<SingleFlight<&'static str, u32>> = Arc::new(SingleFlight::new());
     let mut leader = Box::pin(sf.run("k", || async {
@@ -168,7 +159,6 @@ fn a_panicking_destructor_of_orphaned_work_does_not_wedge_the_key() {
 // ---------------------------------------------------------------------------
 
 #[test]
-#[ignore = "DEFECT 2a (review): hangs (fails after a timeout) on the current core"]
 fn a_blocking_call_from_an_async_leader_s_closure_into_its_own_key_panics() {
     let sf: Arc<SingleFlight<&'static str, u32>> = Arc::new(SingleFlight::new());
     let outcome = returns_within(
@@ -194,7 +184,6 @@ fn a_blocking_call_from_an_async_leader_s_closure_into_its_own_key_panics() {
 }
 
 #[test]
-#[ignore = "DEFECT 2b (review): fails on the current core"]
 fn an_async_call_from_a_leader_s_closure_into_its_own_key_is_dropped_with_the_work() {
     // 'static, as a `static` LazyLock SingleFlight would be: a call made in
     // the closure can then be moved into the work.
@@ -231,7 +220,6 @@ fn an_async_call_from_a_leader_s_closure_into_its_own_key_is_dropped_with_the_wo
 /// flight as a blocking follower and waits for a flight whose only
 /// responsible party is itself. The same fix applies to those two drops.
 #[test]
-#[ignore = "DEFECT 2c (review): hangs (fails after a timeout) on the current core"]
 fn a_blocking_call_from_the_destructor_of_cancelled_work_into_its_own_key_does_not_hang() {
     struct CallsBackOnDrop(&'static SingleFlight<&'static str, u32>);
     impl Drop for CallsBackOnDrop {
@@ -263,115 +251,11 @@ fn a_blocking_call_from_the_destructor_of_cancelled_work_into_its_own_key_does_n
 }
 
 // ---------------------------------------------------------------------------
-// DEFECT 3: a forgotten value can stay in a reader's slot after `forget`.
-//
-// src/registry.rs, `Registry::enter`, reuse path: the slot is filled *after*
-// the map lock is released (`let entry = stored.clone(); self.reads.fill(..)`,
-// and `Registry::read` likewise fills after `drop(map)`). A `forget` of the key
-// that runs in that window removes the value and sweeps the slots
-// (`ReadCache::forget`) *before* the fill, so the fill then puts the forgotten
-// value into the reader's slot, with a version that is already stale. It is
-// never answered from (the version check), but it stays alive until that slot
-// is refilled for another key or the `SingleFlight` is dropped; a later
-// `forget` of the same key does not sweep it (nothing stored, no sweep).
-// The docs promise otherwise: "That copy is dropped when the slot is next
-// filled, on forget, and with the SingleFlight" (`SingleFlight` # Costs) and
-// read_cache.rs: "`forget` empties the slots that hold its key's value" (a
-// token kept after sign-out; I7). Bounded by the number of slots.
-// Fix: fill only if the version is unchanged, checked under the slot lock
-// (`fill` compares `version` with `self.version` after locking the slot and
-// drops the entry if it moved on: `forget` bumps the version under the map
-// lock before it sweeps, so a fill that sees the old version happened before
-// the sweep took the slot's lock).
+// DEFECT 3 (fixed): a forgotten value could stay in a reader's slot after
+// `forget`, when a reader filled its slot (after unlocking the map) just as
+// the `forget` swept the slots. A slot is now filled only if the map's
+// version is still the one read under the map lock, and `forget` changes the
+// version before it sweeps. The window holds no user code to stop a thread
+// in, so the race is checked by the loom model
+// `loom-tests/tests/reads.rs::a_forget_racing_a_slot_fill_leaves_no_copy`.
 // ---------------------------------------------------------------------------
-
-thread_local! {
-    /// Clones of `Token` on this thread still to pass before one blocks.
-    static PASS_BEFORE_BLOCKING: Cell<Option<usize>> = const { Cell::new(None) };
-}
-
-/// The gates a blocking clone uses: (entered, release).
-static CLONE_GATES: Mutex<Option<(Arc<Gate>, Arc<Gate>)>> = Mutex::new(None);
-
-/// A value that counts its live copies and whose clone can be made to wait.
-struct Token {
-    live: Arc<AtomicIsize>,
-}
-
-impl Token {
-    fn new(live: &Arc<AtomicIsize>) -> Self {
-        live.fetch_add(1, Ordering::SeqCst);
-        Token { live: live.clone() }
-    }
-}
-
-impl Clone for Token {
-    fn clone(&self) -> Self {
-        let copy = Token::new(&self.live);
-        let block = PASS_BEFORE_BLOCKING.with(|pass| match pass.get() {
-            Some(0) => {
-                pass.set(None);
-                true
-            }
-            Some(n) => {
-                pass.set(Some(n - 1));
-                false
-            }
-            None => false,
-        });
-        if block {
-            let (entered, release) = CLONE_GATES.lock().unwrap().clone().expect("gates set");
-            entered.open();
-            release.wait_blocking();
-        }
-        copy
-    }
-}
-
-impl Drop for Token {
-    fn drop(&mut self) {
-        self.live.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
-#[test]
-#[ignore = "DEFECT 3 (review): fails on the current core; see the comment above"]
-fn a_forgotten_value_is_not_kept_in_a_read_slot() {
-    let live = Arc::new(AtomicIsize::new(0));
-    let sf: Arc<SingleFlight<&'static str, Token>> = Arc::new(SingleFlight::new());
-    sf.set("k", Token::new(&live));
-    let (entered, release) = (Gate::new(), Gate::new());
-    *CLONE_GATES.lock().unwrap() = Some((entered.clone(), release.clone()));
-
-    let reader = std::thread::spawn({
-        let sf = sf.clone();
-        move || {
-            // First read of "k" on this thread: a miss, remembered.
-            drop(futures::executor::block_on(
-                sf.get("k", || async { unreachable!() }),
-            ));
-            // Second miss in a row: the slot is filled. The first clone is
-            // the caller's copy, made under the map lock; the second is the
-            // slot's, made after the lock is released. It waits there.
-            PASS_BEFORE_BLOCKING.with(|pass| pass.set(Some(1)));
-            let got = futures::executor::block_on(sf.get("k", || async { unreachable!() }));
-            assert_eq!(got.role, Role::Reused);
-        }
-    });
-    entered.wait_blocking(); // the reader is between the map and its slot
-    returns_within("forget while a reader fills its slot", {
-        let sf = sf.clone();
-        move || sf.forget("k")
-    });
-    // forget returned: the value is gone from the map and from every slot.
-    release.open();
-    reader.join().expect("reader");
-    sf.forget("k"); // a second forget does not help either
-    assert_eq!(
-        live.load(Ordering::SeqCst),
-        0,
-        "a copy of the forgotten value is still alive, kept by a read slot"
-    );
-    drop(sf);
-    assert_eq!(live.load(Ordering::SeqCst), 0);
-}
