@@ -3,8 +3,9 @@
 //!
 //! # States
 //!
-//! A flight lives in the map's flight table ([`FlightTable`](crate::flight_table::FlightTable)) from the moment
-//! a caller leads it until its result is published or it is released. It is
+//! A flight lives in the map's flight table
+//! ([`FlightTable`](crate::flight_table::FlightTable)) from the moment a caller
+//! leads it until its result is published or it is released. It is
 //! *attached* while it is its key's flight (new callers join it, its result is
 //! stored); `forget` and `set` *cut it loose* (it runs on for its own callers,
 //! its result is not stored). Followers wait on its shared state, [`Flight`],
@@ -16,16 +17,16 @@
 //! the phase is `Orphaned` or `Vacant`, its heirs (the first to look takes it
 //! over; the last to leave inherits the responsibility).
 //!
-//! | state | meaning | next | made by |
-//! |---|---|---|---|
-//! | solo | a leader drives; nobody joined | running | [`Registry::enter`](crate::registry::Registry::enter) (a follower joins: [`Flight::join`]) |
-//! | running | a driver polls the work; followers wait | done, orphaned, vacant, detached, released | |
-//! | done | the result is published; the flight left the table; if attached and `Ok`, the value was stored with a new epoch | — | [`Registry::complete`](crate::registry::Registry::complete), [`Flight::publish`] |
-//! | orphaned (handed on after a cancel) | the driver was dropped between two polls while heirs wait; the first heir to look continues the same work (`Role::Joined`) | running | [`Registry::give_up`](crate::registry::Registry::give_up), [`Flight::hand_off`]; taken by [`Flight::step`] |
-//! | vacant (after a panic) | the driver panicked, or stopped before it made its work, while heirs wait; the first heir to look runs its own closure (`Role::Led`), or passes the vacancy on if a stored value now answers its call | running | the same |
-//! | detached (finishing on the spawner) | the driver stopped between two polls and nobody waits: with a spawner set, a task finishes the work and stores its result; new callers join it | done, vacant, released | [`Registry::give_up`](crate::registry::Registry::give_up) returns the work to spawn |
-//! | released | nobody is responsible and nobody waits: the work, if any, is dropped **first**, then the flight leaves the table and its key is free; a caller that joined while the work was being dropped finds it vacant | — | [`Registry::release`](crate::registry::Registry::release) |
-//! | cut loose | `forget` or `set` unlinked it from its key; any of the above continues | as before | [`Registry::take`](crate::registry::Registry::take), [`Registry::replace`](crate::registry::Registry::replace) |
+//! | state | meaning | held as | next | made by |
+//! |---|---|---|---|---|
+//! | solo | a leader drives; nobody joined | a table entry with no shared state; the work in the leader's future | running | [`Registry::enter`](crate::registry::Registry::enter) (a follower joins: [`Flight::join`]) |
+//! | running | a driver polls the work; followers wait | [`Phase::Running`]; the work in the driver | done, orphaned, vacant, detached, released | |
+//! | done | the result is published; the flight left the table; if attached and `Ok`, the value was stored with a new epoch | [`Phase::Done`] (for the followers still to look) | — | [`Registry::complete`](crate::registry::Registry::complete), [`Flight::publish`] |
+//! | orphaned (handed on after a cancel) | the driver was dropped between two polls while heirs wait; the first heir to look continues the same work (`Role::Joined`) | [`Phase::Orphaned`], holding the work | running | [`Registry::give_up`](crate::registry::Registry::give_up), [`Flight::hand_off`]; taken by [`Flight::step`] |
+//! | vacant (after a panic) | the driver panicked, or stopped before it made its work, while heirs wait; the first heir to look runs its own closure (`Role::Led`), or passes the vacancy on if a stored value now answers its call | [`Phase::Vacant`] | running | the same |
+//! | detached (finishing on the spawner) | the driver stopped between two polls and nobody waits: with a spawner set, a task finishes the work and stores its result; new callers join it | [`Phase::Running`]; the work in a [`Detached`](crate::registry::Detached), then in the task's driver | done, orphaned, vacant, released | [`Registry::give_up`](crate::registry::Registry::give_up) (spawned with no lock held) |
+//! | released | nobody is responsible and nobody waits: the work, if any, is dropped **first**, then the flight leaves the table and its key is free; a caller that joined while the work was being dropped finds it vacant | no longer anywhere | — | `Registry::release` |
+//! | cut loose | `forget` or `set` unlinked it from its key; any of the above continues, but its result is not stored | the table entry's `attached` is false; the key's entry no longer marks it | as before | [`Registry::take`](crate::registry::Registry::take), [`Registry::replace`](crate::registry::Registry::replace) |
 //!
 //! **When the leader is cancelled** (its future dropped between two polls):
 //! if heirs wait, the work is handed to them as it is, never restarted
