@@ -240,6 +240,27 @@ fn capturing(rt: &Runtime) {
         assert_eq!(stored, Some(i), "the last call's value is stored");
     }
 
+    // The same with a spawner set: having one costs nothing until a flight
+    // is abandoned (issue 11), so this should match the first line.
+    let id = "capturing/run_capturing_with_spawner";
+    if paired::selected(id) {
+        let spawning: SingleFlight<u64, u64> =
+            SingleFlight::new().with_spawner(|task| drop(tokio::spawn(task)));
+        let mut i = 0_u64;
+        let mut ours = || {
+            i += 1;
+            let i = i;
+            spawning.run(KEY, move || async move { i })
+        };
+        ratio_figure(
+            id,
+            "uncontended `run(key, move || async move { i })`, spawner set / bare insert+remove",
+            (2000, 2000),
+            |chunk| paired::time_awaits(rt, CPU, chunk, &mut ours),
+            |chunk| paired::time_awaits(rt, CPU, chunk, &mut bare),
+        );
+    }
+
     let id = "capturing/run_zero_sized";
     if paired::selected(id) {
         let mut ours = || flights.run(KEY, || async { 1 });

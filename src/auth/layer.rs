@@ -549,7 +549,9 @@ where
 /// Dropping it drops the request in progress (first attempt or replay), or
 /// withdraws from the request gate or the refresh it waits on, as
 /// [`TokenManager::token`] describes: a refresh another caller waits on is
-/// continued by that caller, not sent twice.
+/// continued by that caller, not sent twice; one nobody waits on finishes on
+/// the manager's spawner if it has one
+/// ([`TokenManager::with_spawner`]).
 ///
 /// Available with the `tower` feature.
 #[cfg_attr(docsrs, doc(cfg(feature = "tower")))]

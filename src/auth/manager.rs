@@ -378,10 +378,11 @@ where
     ///
     /// Dropping the future withdraws this caller. If it was running the
     /// refresh and others wait, one of them continues that refresh (it is not
-    /// sent twice). If nobody else waits, the refresh is dropped: with
-    /// rotating refresh tokens, a refresh cancelled after its request was
-    /// sent can leave the session needing a new sign-in, so avoid timeouts
-    /// shorter than the refresh itself.
+    /// sent twice). If nobody else waits, the refresh finishes on the
+    /// spawner if one is set ([`with_spawner`](TokenManager::with_spawner))
+    /// and its outcome is applied as if awaited; without one it is dropped:
+    /// with rotating refresh tokens, a refresh cancelled after its request
+    /// was sent can then leave the session needing a new sign-in.
     ///
     /// # Panics
     ///

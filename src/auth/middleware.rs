@@ -114,7 +114,9 @@ type SelectFn<K> = dyn Fn(&Request, &Extensions) -> K + Send + Sync;
 /// Dropping the request's future drops the request in progress, or
 /// withdraws from the request gate or the refresh it waits on, as
 /// [`TokenManager::token`] describes: a refresh another caller waits on is
-/// continued by that caller, not sent twice.
+/// continued by that caller, not sent twice; one nobody waits on finishes on
+/// the manager's spawner if it has one
+/// ([`TokenManager::with_spawner`]).
 ///
 /// Available with the `reqwest` feature.
 ///
