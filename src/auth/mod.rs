@@ -66,6 +66,7 @@ use std::any::Any;
 pub mod coord;
 mod credential;
 mod error;
+mod fleet;
 mod manager;
 mod refresh;
 mod retry;
