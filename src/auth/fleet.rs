@@ -371,24 +371,27 @@ where
 
     /// Claim generation `g`; adopt a newer one, wait for another process's
     /// refresh, or refresh and commit.
-    async fn claim_and_refresh(&self, g: Generation, stale: Option<T>) -> Result<T, AuthError<E>> {
+    async fn claim_and_refresh(
+        &self,
+        g: Generation,
+        stale: Option<T>,
+    ) -> Result<T, AuthError<E>> {
         let config = self.store.shared.config();
         let deadline = Instant::now() + config.lease() * 2 + config.reuse_grace() + WAIT_SLACK;
-        let mut reseeded = false;
         loop {
             let outcome = match self.store.claim(g).await {
                 Ok(outcome) => outcome,
-                // The store lost data (restored, flushed): offer the newest
-                // token here, upwards only, once.
-                Err(CoordError::GenerationWentBack { .. }) if !reseeded && stale.is_some() => {
-                    reseeded = true;
-                    let token = stale.as_ref().expect("checked");
-                    let expires_at = self.core.expires_at(token);
-                    let snapshot = self.store.reseed(g, token, expires_at).await?;
-                    if snapshot.generation > g {
-                        return self.adopt(snapshot);
+                // The store lost data (restored, flushed, no AOF): offer the
+                // token held here, upwards only (the newest of the fleet's
+                // wins), and refresh nothing now: a process's copy may hold a
+                // refresh token another process already rotated. The next
+                // refresh claims whatever the store then holds.
+                Err(e @ CoordError::GenerationWentBack { .. }) => {
+                    if let Some(token) = &stale {
+                        let expires_at = self.core.expires_at(token);
+                        self.store.reseed(g, token, expires_at).await?;
                     }
-                    continue;
+                    return Err(e.into());
                 }
                 Err(e) => return Err(self.refused(e, g)),
             };
