@@ -278,10 +278,11 @@ fn late_401(backend: Backend) {
     let mut fleet = Fleet::new(backend, LONG, Duration::ZERO, ServerConfig::default());
     fleet.spawn(&[Mode::Tokio, Mode::Blocking, Mode::Smol]);
     fleet.sign_in();
+    let before = fleet.stats();
     fleet.server.expire_access_tokens();
     fleet.server.hold_unauthorized(true);
-    fleet.children[0].send("fire 50");
-    fleet.children[2].send("fire 50");
+    assert_eq!(fleet.children[0].ask("fire 50"), "fired");
+    assert_eq!(fleet.children[2].ask("fire 50"), "fired");
     fleet.wait_server("A's 100 late 401s", |c| c.held_unauthorized >= 100);
     let refreshed = fleet.children[1].ask("refresh");
     assert!(refreshed.starts_with("access="), "{refreshed}");
@@ -291,15 +292,17 @@ fn late_401(backend: Backend) {
         let answer = Stats::parse(&fleet.children[a].ask("collect"));
         assert_eq!((answer.get("ok"), answer.0.len()), (50, 1), "{answer:?}");
         let stats = fleet.children[a].stats();
+        let delta = |key: &str| stats.get(key) - before[a].get(key);
         assert_eq!(
             (
-                stats.get("refresh_calls"),
-                stats.get("adopted"),
-                stats.get("adopted_newer"),
-                stats.get("claims_won")
+                delta("refresh_calls"),
+                delta("adopted"),
+                delta("adopted_newer"),
+                delta("claims_won"),
+                delta("store_calls")
             ),
-            (0, 2, 1, 0),
-            "A adopted g+1 at its 401 (the first adoption was at the gate): {stats:?}"
+            (0, 1, 1, 0, 1),
+            "A adopted g+1 at its late 401, with one store command: {stats:?}"
         );
         assert_eq!(fleet.children[a].ask("token"), refreshed);
     }
@@ -355,10 +358,10 @@ fn kill_the_holder(fleet: &mut Fleet, n: u64) -> Instant {
     fleet.sign_in();
     fleet.server.hold_refresh_responses(true);
     fleet.server.expire_access_tokens();
-    fleet.children[0].send(&format!("fire {n}"));
+    assert_eq!(fleet.children[0].ask(&format!("fire {n}")), "fired");
     fleet.wait_server("the holder's refresh", |c| c.held_responses >= 1);
     for survivor in &mut fleet.children[1..] {
-        survivor.send(&format!("fire {n}"));
+        assert_eq!(survivor.ask(&format!("fire {n}")), "fired");
         assert_eq!(survivor.ask("await waits 1"), "ok", "a survivor waits");
     }
     let killed_at = Instant::now();
@@ -372,7 +375,6 @@ fn kill_the_holder(fleet: &mut Fleet, n: u64) -> Instant {
 /// detection; after `sign_in`, two more waves refresh once each.
 fn holder_killed(backend: Backend, lease: Duration) {
     let mut fleet = Fleet::new(backend, lease, Duration::ZERO, ServerConfig::default());
-    let file = matches!(fleet.backend, Backend::File(_));
     fleet.spawn(&EIGHT);
     let n = 20;
     let killed_at = kill_the_holder(&mut fleet, n);
@@ -401,7 +403,6 @@ fn holder_killed(backend: Backend, lease: Duration) {
         let lock = std::fs::File::open(&holders[0]).unwrap();
         assert!(lock.try_lock().is_ok(), "the dead holder's lock is held");
     }
-    let _ = file;
     fleet.server.hold_refresh_responses(false);
     let counters = fleet.server.counters();
     assert_eq!(
@@ -573,7 +574,7 @@ fn redis_outage_between_rotation_and_commit() {
         let g = handle.read_blocking().unwrap().generation;
         fleet.server.hold_refresh_responses(true);
         fleet.server.expire_access_tokens();
-        fleet.children[0].send("fire 20");
+        assert_eq!(fleet.children[0].ask("fire 20"), "fired");
         fleet.wait_server("the holder's refresh", |c| c.held_responses >= 1);
         fleet.redis().kill();
         fleet.server.hold_refresh_responses(false);
@@ -628,7 +629,7 @@ fn cancelled_holder(backend: Backend) {
     let g = handle.read_blocking().unwrap().generation;
     fleet.server.hold_refresh_responses(true);
     fleet.server.expire_access_tokens();
-    fleet.children[0].send("fire 20");
+    assert_eq!(fleet.children[0].ask("fire 20"), "fired");
     fleet.wait_server("the holder's refresh", |c| c.held_responses >= 1);
     assert_eq!(fleet.children[0].ask("abort"), "aborted");
     let answer = Stats::parse(&fleet.children[0].ask("collect"));
