@@ -81,6 +81,7 @@ struct Fleet {
     backend: Backend,
     lease: Duration,
     grace: Duration,
+    cooldown: Duration,
     children: Vec<ChildProc>,
 }
 
@@ -100,6 +101,7 @@ impl Fleet {
             backend,
             lease,
             grace,
+            cooldown: epochflight::auth::DEFAULT_COOLDOWN,
             children: Vec::new(),
         }
     }
@@ -127,6 +129,7 @@ impl Fleet {
             lease: self.lease,
             grace: self.grace,
             spawner,
+            cooldown: self.cooldown,
         }
     }
 
@@ -140,8 +143,11 @@ impl Fleet {
                 std::thread::spawn(move || ChildProc::spawn(ENTRY, &config, mode))
             })
             .collect();
-        self.children
-            .extend(started.into_iter().map(|t| t.join().expect("child started")));
+        self.children.extend(
+            started
+                .into_iter()
+                .map(|t| t.join().expect("child started")),
+        );
     }
 
     /// The parent's own handle on the credential (a process of its own, as
@@ -335,7 +341,10 @@ fn baseline_without_a_coordinator_reuses_refresh_tokens() {
         fleet.spawn(&EIGHT);
         let (access, refresh) = fleet.server.initial_tokens();
         for child in &mut fleet.children {
-            assert_eq!(child.ask(&format!("sign_in_local {access} {refresh}")), "ok");
+            assert_eq!(
+                child.ask(&format!("sign_in_local {access} {refresh}")),
+                "ok"
+            );
         }
         fleet.server.expire_access_tokens();
         let answers = fleet.wave(100);
@@ -346,6 +355,116 @@ fn baseline_without_a_coordinator_reuses_refresh_tokens() {
             "{counters:?}"
         );
         assert!(ok < 800, "the revoked session failed requests: {answers:?}");
+    });
+}
+
+// ------------------------------------------------------------ fleet-wide verdicts
+
+/// A transient failure cools the whole fleet down, a rejected refresh of
+/// the current generation signs the whole fleet out, and `sign_in` brings
+/// it back: each with one refresh call fleet-wide.
+fn reject_and_cooldown(backend: Backend) {
+    let mut fleet = Fleet::new(backend, LONG, Duration::ZERO, ServerConfig::default());
+    // Long enough that no step below outlives it.
+    fleet.cooldown = Duration::from_secs(60);
+    fleet.spawn(&[Mode::Tokio, Mode::Blocking, Mode::Smol]);
+    fleet.sign_in();
+    let n = 10;
+    let wave = |child: &mut ChildProc, outcome: &str, context: &str| {
+        all(
+            &[Stats::parse(&child.ask(&format!("wave {n}")))],
+            n,
+            outcome,
+            context,
+        );
+    };
+
+    fleet.server.fail_refresh_with(Some(503));
+    fleet.server.expire_access_tokens();
+    wave(
+        &mut fleet.children[0],
+        "err:transient",
+        "the failed refresh",
+    );
+    wave(
+        &mut fleet.children[1],
+        "err:cooling",
+        "the fleet cools down",
+    );
+    wave(
+        &mut fleet.children[2],
+        "err:cooling",
+        "the fleet cools down",
+    );
+    wave(
+        &mut fleet.children[0],
+        "err:transient",
+        "the local cool-down",
+    );
+    assert_eq!(fleet.server.refresh_calls(), 1);
+
+    fleet.server.fail_refresh_with(None);
+    fleet.server.reject_refresh(true);
+    let (access, refresh) = fleet.server.sign_in_new_session();
+    assert_eq!(
+        fleet.children[0].ask(&format!("sign_in {access} {refresh}")),
+        "ok"
+    );
+    for other in [1, 2] {
+        // Adopted from the store, no refresh.
+        assert_eq!(
+            fleet.children[other].ask("refresh"),
+            format!("access={access}")
+        );
+    }
+    fleet.server.expire_access_tokens();
+    wave(
+        &mut fleet.children[1],
+        "err:rejected",
+        "the rejected refresh",
+    );
+    wave(
+        &mut fleet.children[0],
+        "err:signed_out",
+        "the fleet signed out",
+    );
+    wave(
+        &mut fleet.children[2],
+        "err:signed_out",
+        "the fleet signed out",
+    );
+    assert_eq!(fleet.server.refresh_calls(), 2);
+    for child in &mut fleet.children {
+        assert_eq!(child.stats().get("signed_out"), 1);
+    }
+
+    fleet.server.reject_refresh(false);
+    let (access, refresh) = fleet.server.sign_in_new_session();
+    assert_eq!(
+        fleet.children[2].ask(&format!("sign_in {access} {refresh}")),
+        "ok"
+    );
+    fleet.server.expire_access_tokens();
+    all(&fleet.wave(n), n, "ok", "signed in again");
+    let counters = fleet.server.counters();
+    assert_eq!(
+        (counters.refresh_calls, counters.reuse_detections),
+        (3, 0),
+        "{counters:?}"
+    );
+}
+
+#[test]
+fn reject_and_cooldown_are_fleet_wide_redis() {
+    run("reject_and_cooldown_redis", || {
+        reject_and_cooldown(Backend::redis())
+    });
+}
+
+#[test]
+fn reject_and_cooldown_are_fleet_wide_file() {
+    run("reject_and_cooldown_file", || {
+        reject_and_cooldown(Backend::file())
     });
 }
 
@@ -393,7 +512,10 @@ fn holder_killed(backend: Backend, lease: Duration) {
     );
     if let Backend::File(dir) = &fleet.backend {
         // The kernel freed the dead holder's lock at once.
-        assert!(took < lease / 2, "file store saw the dead holder after {took:?}");
+        assert!(
+            took < lease / 2,
+            "file store saw the dead holder after {took:?}"
+        );
         let holders: Vec<_> = std::fs::read_dir(dir)
             .unwrap()
             .map(|e| e.unwrap().path())
@@ -520,7 +642,12 @@ fn killed_holder_grace_file() {
 #[test]
 fn redis_outage_while_idle() {
     run("redis_outage_while_idle", || {
-        let mut fleet = Fleet::new(Backend::redis(), LONG, Duration::ZERO, ServerConfig::default());
+        let mut fleet = Fleet::new(
+            Backend::redis(),
+            LONG,
+            Duration::ZERO,
+            ServerConfig::default(),
+        );
         fleet.spawn(&[Mode::Tokio, Mode::Smol, Mode::Blocking, Mode::Tokio]);
         fleet.sign_in();
         let handle = fleet.handle();
@@ -534,13 +661,22 @@ fn redis_outage_while_idle() {
         assert_eq!(calls, after, "a valid token needs no store call");
         fleet.server.expire_access_tokens();
         let started = Instant::now();
-        all(&fleet.wave(20), 20, "err:unavailable", "refresh, Redis down");
+        all(
+            &fleet.wave(20),
+            20,
+            "err:unavailable",
+            "refresh, Redis down",
+        );
         assert!(
             started.elapsed() < Duration::from_secs(2),
             "not fast: {:?}",
             started.elapsed()
         );
-        assert_eq!(fleet.server.refresh_calls(), 0, "never a refresh without a claim");
+        assert_eq!(
+            fleet.server.refresh_calls(),
+            0,
+            "never a refresh without a claim"
+        );
         // The outage lasts 2 s (its length, not an ordering: every step
         // above is already done).
         std::thread::sleep(Duration::from_secs(2).saturating_sub(killed_at.elapsed()));
@@ -567,7 +703,12 @@ fn redis_outage_while_idle() {
 #[test]
 fn redis_outage_between_rotation_and_commit() {
     run("redis_outage_between_rotation_and_commit", || {
-        let mut fleet = Fleet::new(Backend::redis(), LONG, Duration::ZERO, ServerConfig::default());
+        let mut fleet = Fleet::new(
+            Backend::redis(),
+            LONG,
+            Duration::ZERO,
+            ServerConfig::default(),
+        );
         fleet.spawn(&[Mode::Tokio, Mode::Smol, Mode::Blocking, Mode::Tokio]);
         fleet.sign_in();
         let handle = fleet.handle();
@@ -592,10 +733,7 @@ fn redis_outage_between_rotation_and_commit() {
             ClaimOutcome::Claimed(_) => panic!("the holder's claim is gone"),
         };
         assert_eq!(committed.generation.get(), g.get() + 1);
-        assert_eq!(
-            format!("access={}", committed.token.unwrap().access),
-            token
-        );
+        assert_eq!(format!("access={}", committed.token.unwrap().access), token);
         let stats = fleet.children[0].stats();
         assert_eq!((stats.get("pending"), stats.get("commits")), (0, 1));
 
@@ -658,12 +796,17 @@ fn cancelled_holder(backend: Backend) {
 
 #[test]
 fn cancelled_holder_commits_on_its_spawner_redis() {
-    run("cancelled_holder_redis", || cancelled_holder(Backend::redis()));
+    run("cancelled_holder_redis", || {
+        cancelled_holder(Backend::redis())
+    });
 }
 
 #[test]
 fn cancelled_holder_commits_on_its_spawner_file() {
-    run("cancelled_holder_file", || cancelled_holder(Backend::file()));
+    run(
+        "cancelled_holder_file",
+        || cancelled_holder(Backend::file()),
+    );
 }
 
 // ------------------------------------------------------------ 6. bad input
@@ -715,10 +858,7 @@ fn bad_redis_records_through_the_manager() {
         manager.sign_in_shared_blocking(login()).unwrap();
         let rec = b"{test:api}:rec".as_slice();
         let cases: [(&[&[u8]], Corruption); 5] = [
-            (
-                &[b"SET", rec, b"not a hash"],
-                Corruption::WrongType,
-            ),
+            (&[b"SET", rec, b"not a hash"], Corruption::WrongType),
             (
                 &[b"HSET", rec, b"v", b"1", b"g", b"abc", b"st", b"ready"],
                 Corruption::Undecodable { field: "g" },
@@ -772,7 +912,10 @@ fn bad_file_records_through_the_manager() {
         let record = dir.join("api.record");
         let good = std::fs::read(&record).unwrap();
         let cases = [
-            (b"garbage".to_vec(), Corruption::Undecodable { field: "file" }),
+            (
+                b"garbage".to_vec(),
+                Corruption::Undecodable { field: "file" },
+            ),
             (
                 good[..good.len() - 2].to_vec(),
                 Corruption::Truncated { missing: "end" },
@@ -850,10 +993,7 @@ fn acl_denial_through_the_manager() {
         let calls = Arc::new(AtomicUsize::new(0));
         let (manager, _) = manager_on(&store, "api", &calls);
         expect_coord(manager.token_blocking(), "Denied");
-        expect_coord(
-            futures::executor::block_on(manager.token()),
-            "Denied",
-        );
+        expect_coord(futures::executor::block_on(manager.token()), "Denied");
         expect_coord(manager.sign_in_shared_blocking(login()), "Denied");
         assert!(manager.current().is_none(), "not signed in here either");
         assert_eq!(calls.load(Ordering::SeqCst), 0);
@@ -868,7 +1008,10 @@ fn redis_unreachable_through_the_manager() {
         let port = redis_server::free_port();
         let started = Instant::now();
         let connect = RedisStore::connect(RedisConfig::new(format!("redis://127.0.0.1:{port}/")));
-        assert!(matches!(connect, Err(CoordError::Unavailable { .. })), "{connect:?}");
+        assert!(
+            matches!(connect, Err(CoordError::Unavailable { .. })),
+            "{connect:?}"
+        );
         assert!(started.elapsed() < Duration::from_secs(3));
 
         let mut server = RedisServer::start();
@@ -878,10 +1021,7 @@ fn redis_unreachable_through_the_manager() {
         server.kill();
         let started = Instant::now();
         expect_coord(manager.token_blocking(), "Unavailable");
-        expect_coord(
-            futures::executor::block_on(manager.token()),
-            "Unavailable",
-        );
+        expect_coord(futures::executor::block_on(manager.token()), "Unavailable");
         expect_coord(manager.sign_in_shared_blocking(login()), "Unavailable");
         assert!(started.elapsed() < Duration::from_secs(3));
         assert_eq!(calls.load(Ordering::SeqCst), 0);
@@ -893,7 +1033,10 @@ fn redis_unreachable_through_the_manager() {
 #[test]
 fn invalid_config_through_the_manager() {
     run("invalid_config", || {
-        assert_eq!(CoordConfig::new(Duration::ZERO), Err(ConfigError::ZeroLease));
+        assert_eq!(
+            CoordConfig::new(Duration::ZERO),
+            Err(ConfigError::ZeroLease)
+        );
         let dir = temp_dir("mgr-config");
         let coordinator = Coordinator::new(
             FileStore::open(&dir).unwrap(),
@@ -914,7 +1057,11 @@ fn invalid_config_through_the_manager() {
         let invalid = AuthError::Coordination(CoordError::Config(ConfigError::InvalidName));
         for key in ["a}b", "a b", "a/b", "{x}", &"x".repeat(130)] {
             let key = key.to_string();
-            assert_eq!(tenants.for_key(&key).token_blocking(), Err(invalid.clone()), "{key:?}");
+            assert_eq!(
+                tenants.for_key(&key).token_blocking(),
+                Err(invalid.clone()),
+                "{key:?}"
+            );
             assert_eq!(
                 futures::executor::block_on(tenants.for_key(&key).token()),
                 Err(invalid.clone())
@@ -922,7 +1069,15 @@ fn invalid_config_through_the_manager() {
         }
         assert_eq!(calls.load(Ordering::SeqCst), 0, "no refresh");
         let acme = "acme".to_string();
-        assert_eq!(tenants.for_key(&acme).token_blocking().unwrap().value.access, "access-acme");
+        assert_eq!(
+            tenants
+                .for_key(&acme)
+                .token_blocking()
+                .unwrap()
+                .value
+                .access,
+            "access-acme"
+        );
         assert!(dir.join("tenant.acme.record").exists());
         let _ = std::fs::remove_dir_all(dir);
     });
@@ -961,13 +1116,28 @@ fn keyed_managers_share_each_key_apart() {
         let two = keyed(&two_calls, "two");
         let (a, b) = ("a".to_string(), "b".to_string());
         futures::executor::block_on(async {
-            assert_eq!(one.for_key(&a).token().await.unwrap().value.access, "a-from-one");
-            assert_eq!(two.for_key(&a).token().await.unwrap().value.access, "a-from-one");
-            assert_eq!(two.for_key(&b).token().await.unwrap().value.access, "b-from-two");
-            assert_eq!(one.for_key(&b).token().await.unwrap().value.access, "b-from-two");
+            assert_eq!(
+                one.for_key(&a).token().await.unwrap().value.access,
+                "a-from-one"
+            );
+            assert_eq!(
+                two.for_key(&a).token().await.unwrap().value.access,
+                "a-from-one"
+            );
+            assert_eq!(
+                two.for_key(&b).token().await.unwrap().value.access,
+                "b-from-two"
+            );
+            assert_eq!(
+                one.for_key(&b).token().await.unwrap().value.access,
+                "b-from-two"
+            );
         });
         assert_eq!(
-            (one_calls.load(Ordering::SeqCst), two_calls.load(Ordering::SeqCst)),
+            (
+                one_calls.load(Ordering::SeqCst),
+                two_calls.load(Ordering::SeqCst)
+            ),
             (1, 1)
         );
         assert_eq!((one.stats().adopted, two.stats().adopted), (1, 1));
@@ -977,9 +1147,15 @@ fn keyed_managers_share_each_key_apart() {
         // Signing one key out fleet-wide leaves the other.
         futures::executor::block_on(one.for_key(&a).sign_out_shared()).unwrap();
         let seen = two.for_key(&a).epoch();
-        assert_eq!(two.for_key(&a).refresh_if_current_blocking(seen), Err(AuthError::SignedOut));
+        assert_eq!(
+            two.for_key(&a).refresh_if_current_blocking(seen),
+            Err(AuthError::SignedOut)
+        );
         assert!(two.for_key(&a).is_signed_out());
-        assert_eq!(two.for_key(&b).token_blocking().unwrap().value.access, "b-from-two");
+        assert_eq!(
+            two.for_key(&b).token_blocking().unwrap().value.access,
+            "b-from-two"
+        );
     });
 }
 
@@ -1019,7 +1195,9 @@ fn no_token_bytes_in_debug_or_errors() {
         expect_coord(codec.clone(), "Codec");
         let failed_sign_in = broken.sign_in_shared_blocking(login());
         expect_coord(failed_sign_in.clone(), "Codec");
-        server.cmd(&[b"HSET", b"{test:api}:rec", b"zz", b"SECRET"]).unwrap();
+        server
+            .cmd(&[b"HSET", b"{test:api}:rec", b"zz", b"SECRET"])
+            .unwrap();
         let seen = manager.epoch();
         let corrupt = manager.refresh_if_current_blocking(seen);
         expect_coord(corrupt.clone(), "Corrupt");

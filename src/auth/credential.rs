@@ -298,7 +298,10 @@ where
             return Ok(None);
         };
         let shared = coord.credential(self.key)?;
-        let store = Store { shared: &shared, wait };
+        let store = Store {
+            shared: &shared,
+            wait,
+        };
         let snapshot = store.sign_in(token, core.expires_at(token)).await?;
         Ok(Some(snapshot.generation))
     }
@@ -326,7 +329,14 @@ where
         let published = match &core.coord {
             None => None,
             Some(coord) => Some(match coord.credential(key) {
-                Ok(shared) => Store { shared: &shared, wait }.sign_out().await,
+                Ok(shared) => {
+                    Store {
+                        shared: &shared,
+                        wait,
+                    }
+                    .sign_out()
+                    .await
+                }
                 Err(e) => Err(e),
             }),
         };
@@ -450,7 +460,15 @@ where
         self.check_may_refresh(session, Epoch::NONE, Ahead::No)?;
         wait::check_may_wait(session, wait);
         let (core, key) = (self.core(), self.key);
-        let work = || refresh(core.clone(), session.to_arc(), key.clone(), Epoch::NONE, wait);
+        let work = || {
+            refresh(
+                core.clone(),
+                session.to_arc(),
+                key.clone(),
+                Epoch::NONE,
+                wait,
+            )
+        };
         let got = match wait {
             Wait::Async => {
                 let _waiting = wait::Waiting(session);

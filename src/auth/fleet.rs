@@ -371,11 +371,7 @@ where
 
     /// Claim generation `g`; adopt a newer one, wait for another process's
     /// refresh, or refresh and commit.
-    async fn claim_and_refresh(
-        &self,
-        g: Generation,
-        stale: Option<T>,
-    ) -> Result<T, AuthError<E>> {
+    async fn claim_and_refresh(&self, g: Generation, stale: Option<T>) -> Result<T, AuthError<E>> {
         let config = self.store.shared.config();
         let deadline = Instant::now() + config.lease() * 2 + config.reuse_grace() + WAIT_SLACK;
         loop {
@@ -438,10 +434,7 @@ where
                 None
             }
             Err(RefreshError::Transient(_)) => {
-                let _ = self
-                    .store
-                    .fail_transient(claim, self.core.cooldown)
-                    .await;
+                let _ = self.store.fail_transient(claim, self.core.cooldown).await;
                 None
             }
         };

@@ -1171,7 +1171,11 @@ where
             )
             .field(
                 "coordinator",
-                &self.core.coord.as_ref().map(|c| c.name().unwrap_or("per key")),
+                &self
+                    .core
+                    .coord
+                    .as_ref()
+                    .map(|c| c.name().unwrap_or("per key")),
             )
             .field("stats", &self.stats())
             .finish()

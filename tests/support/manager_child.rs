@@ -93,6 +93,8 @@ pub struct ChildConfig {
     pub grace: Duration,
     /// Sets `tokio::spawn` as the manager's spawner (tokio children only).
     pub spawner: bool,
+    /// The manager's cool-down after a transient failure (also the fleet's).
+    pub cooldown: Duration,
 }
 
 /// A running child.
@@ -122,7 +124,14 @@ impl ChildProc {
                 "EPOCHFLIGHT_MGR_GRACE_MS",
                 config.grace.as_millis().to_string(),
             )
-            .env("EPOCHFLIGHT_MGR_SPAWNER", u8::from(config.spawner).to_string())
+            .env(
+                "EPOCHFLIGHT_MGR_SPAWNER",
+                u8::from(config.spawner).to_string(),
+            )
+            .env(
+                "EPOCHFLIGHT_MGR_COOLDOWN_MS",
+                config.cooldown.as_millis().to_string(),
+            )
             .env("EPOCHFLIGHT_MGR_MODE", mode.as_str())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -234,7 +243,11 @@ pub fn open_shared(store: &str, name: &str, config: CoordConfig) -> SharedCreden
         Coordinator::new(FileStore::open(dir).expect("file store"), Lines, config)
     } else if let Some(url) = store.strip_prefix("redis:") {
         let redis = RedisConfig::new(url).prefix("test").expect("prefix");
-        Coordinator::new(RedisStore::connect(redis).expect("redis store"), Lines, config)
+        Coordinator::new(
+            RedisStore::connect(redis).expect("redis store"),
+            Lines,
+            config,
+        )
     } else {
         panic!("unknown store {store}")
     };
@@ -429,11 +442,19 @@ pub fn child_main() {
         }
         mode => TokenManager::new(move |stale| refresh(mode, refresher_host.clone(), stale)),
     };
+    let cooldown = env("EPOCHFLIGHT_MGR_COOLDOWN_MS")
+        .parse()
+        .expect("milliseconds");
+    manager = manager.with_cooldown(Duration::from_millis(cooldown));
     if let Some(shared) = &shared {
         manager = manager.with_coordinator(shared.clone());
     }
     if env("EPOCHFLIGHT_MGR_SPAWNER") == "1" {
-        let handle = tokio.as_ref().expect("a spawner needs tokio").handle().clone();
+        let handle = tokio
+            .as_ref()
+            .expect("a spawner needs tokio")
+            .handle()
+            .clone();
         manager = manager.with_spawner(move |refresh| drop(handle.spawn(refresh)));
     }
     let child = Arc::new(ChildState {
