@@ -38,7 +38,9 @@ fn manager(url: &str, worker: &str) -> TokenManager<String, String> {
         // to the token endpoint here.
         std::thread::sleep(Duration::from_millis(200));
         let stale = stale.ok_or(RefreshError::Rejected("no token".to_string()))?;
-        Ok(format!("token-2 (refreshed by worker {worker} from {stale})"))
+        Ok(format!(
+            "token-2 (refreshed by worker {worker} from {stale})"
+        ))
     })
     .with_coordinator(shared)
 }
