@@ -290,6 +290,11 @@ where
 
     /// Takes the store's token as this process's: no refresh.
     fn adopt(&self, snapshot: Snapshot<T>) -> Result<T, AuthError<E>> {
+        self.take_from_store(snapshot, true)
+    }
+
+    /// Takes the store's token; `adopted`: another process's (counted).
+    fn take_from_store(&self, snapshot: Snapshot<T>, adopted: bool) -> Result<T, AuthError<E>> {
         if let Err(e) = snapshot.usable() {
             return Err(self.refused(e, snapshot.generation));
         }
@@ -305,7 +310,9 @@ where
             session.set_failure(None)
         });
         drop(failure);
-        count(|c| &c.adopted, &self.session.counters, &self.core.counters);
+        if adopted {
+            count(|c| &c.adopted, &self.session.counters, &self.core.counters);
+        }
         Ok(token)
     }
 
@@ -341,7 +348,7 @@ where
         let expires_at = self.core.expires_at(&seed);
         let outcome = self.store.seed(&seed, expires_at).await;
         let registered = match outcome {
-            Ok((_, snapshot)) => self.adopt(snapshot),
+            Ok((written, snapshot)) => self.take_from_store(snapshot, !written),
             Err(CoordError::Unavailable { .. }) => Ok(seed),
             Err(e) => return Err(e.into()),
         };

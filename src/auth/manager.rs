@@ -481,7 +481,10 @@ where
     ///
     /// [`AuthError::SignedOut`] at once while signed out;
     /// [`AuthError::Refresh`] if the refresh this call waited on failed, or
-    /// during the cool-down after a transient failure.
+    /// during the cool-down after a transient failure; with a
+    /// [coordinator](Self::with_coordinator), [`AuthError::Coordination`]
+    /// when the store stopped the refresh (unavailable, a lost refresh, the
+    /// fleet cooling down, a damaged record, …).
     ///
     /// # Cancel safety
     ///
@@ -537,7 +540,8 @@ where
     ///
     /// [`AuthError::SignedOut`] at once while signed out;
     /// [`AuthError::Refresh`] if the refresh failed, or at once during the
-    /// cool-down after a transient failure.
+    /// cool-down after a transient failure; with a coordinator,
+    /// [`AuthError::Coordination`] (see [`token`](Self::token)).
     ///
     /// # Cancel safety
     ///
