@@ -236,6 +236,12 @@ fn waves(backend: Backend, n: u64) {
                 "expiry {expiry}, child {i}: {won} claims won, {calls} store commands"
             );
         }
+        let most = before
+            .iter()
+            .zip(&after)
+            .map(|(b, a)| a.get("store_calls") - b.get("store_calls"))
+            .max();
+        eprintln!("expiry {expiry}: at most {most:?} store commands in a process");
         let won: u64 = after.iter().map(|a| a.get("claims_won")).sum();
         assert_eq!(won, expiry, "one claim won per expiry, fleet-wide");
         assert_eq!(fleet.server.refresh_calls(), expiry, "expiry {expiry}");
@@ -978,6 +984,64 @@ fn generation_gone_back_is_reseeded_upwards_only() {
         a.refresh_if_current_blocking(seen).unwrap();
         assert_eq!(a_shared.read_blocking().unwrap().generation.get(), 4);
         assert_eq!(calls.load(Ordering::SeqCst), 3);
+    });
+}
+
+/// The refresher is handed the token read from the store at the claim,
+/// never this process's copy: here the store's token of the same generation
+/// was changed behind the manager's back.
+#[test]
+fn the_refresher_gets_the_store_token_not_the_local_copy() {
+    run("store_token", || {
+        let server = RedisServer::start();
+        let shared = manager_child::open_shared(
+            &format!("redis:{}", server.url()),
+            "api",
+            CoordConfig::new(LONG).unwrap(),
+        );
+        let handed = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = handed.clone();
+        let manager: Manager = TokenManager::new_blocking(move |stale: Option<Tokens>| {
+            seen.lock().unwrap().push(stale.clone());
+            Ok(Tokens {
+                access: "next".into(),
+                refresh: "next-refresh".into(),
+            })
+        })
+        .with_coordinator(shared.clone());
+        manager.sign_in_shared_blocking(login()).unwrap();
+        let g = shared.read_blocking().unwrap().generation;
+        server
+            .cmd(&[
+                b"HSET",
+                b"{test:api}:rec",
+                b"tok",
+                b"store-access\nstore-refresh",
+            ])
+            .unwrap();
+        assert_eq!(
+            manager.token_blocking().unwrap().value,
+            login(),
+            "the local copy"
+        );
+        let seen = manager.epoch();
+        assert_eq!(
+            manager
+                .refresh_if_current_blocking(seen)
+                .unwrap()
+                .value
+                .access,
+            "next"
+        );
+        let store_token = Tokens {
+            access: "store-access".into(),
+            refresh: "store-refresh".into(),
+        };
+        assert_eq!(*handed.lock().unwrap(), vec![Some(store_token)]);
+        assert_eq!(
+            shared.read_blocking().unwrap().generation.get(),
+            g.get() + 1
+        );
     });
 }
 
