@@ -8,9 +8,11 @@ use std::future::Future;
 use std::hash::Hash;
 use std::time::Instant;
 
+use super::coord::{CoordError, Generation};
+use super::fleet::Store;
 use super::refresh::{Core, refresh};
 use super::retry::{Attempt, Exchange, Exchanged, exchange};
-use super::session::{Session, SessionRef, count};
+use super::session::{Fleet, Session, SessionRef, count};
 use super::wait::{self, Wait};
 use super::{AuthError, AuthStats, RefreshError, TokenManager, Unauthorized};
 use crate::block_on::block_on;
@@ -206,29 +208,157 @@ where
 
     /// Stores `token` as this key's current one (after a login) and returns
     /// its epoch. See [`TokenManager::sign_in`].
+    ///
+    /// # Blocking
+    ///
+    /// With a coordinator, as [`sign_in_shared_blocking`](Self::sign_in_shared_blocking).
     pub fn sign_in(&self, token: T) -> Epoch {
+        match wait::blocking(self.publish_sign_in(&token, Wait::Blocking)) {
+            Ok(generation) => self.signed_in(token, generation),
+            // Used here; offered to the store as a seed at its refresh.
+            Err(_) => self.signed_in(token, None),
+        }
+    }
+
+    /// Signs this key in fleet-wide with `token`: the store first, then this
+    /// process. See [`TokenManager::sign_in_shared`].
+    ///
+    /// # Errors
+    ///
+    /// As [`TokenManager::sign_in_shared`].
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`TokenManager::sign_in_shared`].
+    pub async fn sign_in_shared(&self, token: T) -> Result<Epoch, AuthError<E>> {
+        let generation = self.publish_sign_in(&token, Wait::Async).await?;
+        Ok(self.signed_in(token, generation))
+    }
+
+    /// Blocking [`sign_in_shared`](Self::sign_in_shared).
+    ///
+    /// # Blocking
+    ///
+    /// Blocks on the store (with a coordinator).
+    ///
+    /// # Errors
+    ///
+    /// As [`sign_in_shared`](Self::sign_in_shared).
+    pub fn sign_in_shared_blocking(&self, token: T) -> Result<Epoch, AuthError<E>> {
+        let generation = wait::blocking(self.publish_sign_in(&token, Wait::Blocking))?;
+        Ok(self.signed_in(token, generation))
+    }
+
+    /// Signs this key out: drops its token; every call for this key returns
+    /// [`AuthError::SignedOut`] at once, without a network call, until
+    /// [`sign_in`](Self::sign_in). See [`TokenManager::sign_out`].
+    ///
+    /// # Blocking
+    ///
+    /// With a coordinator, as [`sign_out_shared_blocking`](Self::sign_out_shared_blocking).
+    pub fn sign_out(&self) {
+        let _ = wait::blocking(self.sign_out_in(Wait::Blocking));
+    }
+
+    /// Signs this key out fleet-wide. See [`TokenManager::sign_out_shared`].
+    ///
+    /// # Errors
+    ///
+    /// As [`TokenManager::sign_out_shared`].
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`TokenManager::sign_out_shared`].
+    pub async fn sign_out_shared(&self) -> Result<(), AuthError<E>> {
+        self.sign_out_in(Wait::Async).await
+    }
+
+    /// Blocking [`sign_out_shared`](Self::sign_out_shared).
+    ///
+    /// # Blocking
+    ///
+    /// Blocks on the store (with a coordinator).
+    ///
+    /// # Errors
+    ///
+    /// As [`sign_out_shared`](Self::sign_out_shared).
+    pub fn sign_out_shared_blocking(&self) -> Result<(), AuthError<E>> {
+        wait::blocking(self.sign_out_in(Wait::Blocking))
+    }
+
+    /// Signs the fleet in with `token` (with a coordinator): the generation
+    /// the store gave it.
+    async fn publish_sign_in(
+        &self,
+        token: &T,
+        wait: Wait,
+    ) -> Result<Option<Generation>, AuthError<E>> {
+        let core = self.core();
+        let Some(coord) = &core.coord else {
+            return Ok(None);
+        };
+        let shared = coord.credential(self.key)?;
+        let store = Store {
+            shared: &shared,
+            wait,
+        };
+        let snapshot = store.sign_in(token, core.expires_at(token)).await?;
+        Ok(Some(snapshot.generation))
+    }
+
+    /// This process signed in with `token`, of shared `generation`.
+    fn signed_in(&self, token: T, generation: Option<Generation>) -> Epoch {
         let (core, key) = (self.core(), self.key);
         let session = self.session();
         let (epoch, replaced, failure) = session.locked(|session| {
             let (epoch, replaced) = core.flights.replace(key.clone(), token);
             session.set_signed_out(false);
+            session.set_fleet(Fleet::In);
+            session.set_generation(generation);
             (epoch, replaced, session.set_failure(None))
         });
-        drop((replaced, failure));
+        let seed = core.coord.as_ref().and_then(|coord| coord.take_seed());
+        drop((replaced, failure, seed));
         epoch
     }
 
-    /// Signs this key out: drops its token; every call for this key returns
-    /// [`AuthError::SignedOut`] at once, without a network call, until
-    /// [`sign_in`](Self::sign_in).
-    pub fn sign_out(&self) {
+    /// Signs out, fleet-wide with a coordinator. If the store cannot be
+    /// told, this process signs out for good (until `sign_in`).
+    async fn sign_out_in(&self, wait: Wait) -> Result<(), AuthError<E>> {
         let (core, key) = (self.core(), self.key);
+        let published = match &core.coord {
+            None => None,
+            Some(coord) => Some(match coord.credential(key) {
+                Ok(shared) => {
+                    Store {
+                        shared: &shared,
+                        wait,
+                    }
+                    .sign_out()
+                    .await
+                }
+                Err(e) => Err(e),
+            }),
+        };
         let session = self.session();
-        let (signed_out_now, removed) =
-            session.locked(|session| (session.set_signed_out(true), core.flights.take(key)));
-        drop(removed);
+        let (signed_out_now, removed, seed) = session.locked(|session| {
+            let signed_out_now = match &published {
+                Some(Ok(snapshot)) => {
+                    session.set_generation(Some(snapshot.generation));
+                    session.set_fleet(Fleet::SignedOut)
+                }
+                _ => session.set_signed_out(true),
+            };
+            let seed = core.coord.as_ref().and_then(|coord| coord.take_seed());
+            (signed_out_now, core.flights.take(key), seed)
+        });
+        drop((removed, seed));
         if signed_out_now {
             core.signed_out(&session, key);
+        }
+        match published {
+            Some(Err(e)) => Err(e.into()),
+            _ => Ok(()),
         }
     }
 
@@ -245,12 +375,15 @@ where
         let (removed, failure) =
             session.locked(|session| (core.flights.take(key), session.reset()));
         let gone = core.sessions.remove(key);
-        drop((removed, failure, gone));
+        let handle = core.coord.as_ref().and_then(|coord| coord.forget(key));
+        drop((removed, failure, gone, handle));
     }
 
-    /// Whether this key is signed out.
+    /// Whether this key is signed out (with a coordinator: also when the
+    /// fleet signed out, or a refresh was lost).
     pub fn is_signed_out(&self) -> bool {
-        self.session().is_signed_out()
+        let session = self.session();
+        session.is_signed_out() || session.fleet() != Fleet::In
     }
 
     /// This key's current token and epoch, without waiting or fetching.
@@ -280,7 +413,7 @@ where
         if session.is_signed_out() {
             return Err(AuthError::SignedOut);
         }
-        let Some(expiry) = &self.manager.expiry else {
+        let Some(expiry) = &self.core().expiry else {
             return self.gate(&session, wait).await;
         };
         let Some(current) = self.core().flights.current(self.key) else {
@@ -309,9 +442,13 @@ where
             .await;
         drop(claim);
         match refreshed {
-            // A refresh ahead that failed transiently leaves a token that is
-            // still valid: use it.
-            Err(AuthError::Refresh(RefreshError::Transient(_))) => Ok(current),
+            // A refresh ahead that failed transiently, or could not reach
+            // the other processes' store, leaves a token that is still
+            // valid: use it.
+            Err(AuthError::Refresh(RefreshError::Transient(_)))
+            | Err(AuthError::Coordination(
+                CoordError::Unavailable { .. } | CoordError::CoolingDown { .. },
+            )) => Ok(current),
             other => other,
         }
     }
@@ -323,7 +460,15 @@ where
         self.check_may_refresh(session, Epoch::NONE, Ahead::No)?;
         wait::check_may_wait(session, wait);
         let (core, key) = (self.core(), self.key);
-        let work = || refresh(core.clone(), session.to_arc(), key.clone(), Epoch::NONE);
+        let work = || {
+            refresh(
+                core.clone(),
+                session.to_arc(),
+                key.clone(),
+                Epoch::NONE,
+                wait,
+            )
+        };
         let got = match wait {
             Wait::Async => {
                 let _waiting = wait::Waiting(session);
@@ -356,7 +501,7 @@ where
             // Not answered with a newer token: this call may wait.
             wait::check_may_wait(session, wait);
         }
-        let work = || refresh(core.clone(), session.to_arc(), key.clone(), seen);
+        let work = || refresh(core.clone(), session.to_arc(), key.clone(), seen, wait);
         let refreshed = match wait {
             Wait::Async => {
                 let _waiting = wait::Waiting(session);

@@ -1,6 +1,7 @@
 //! What a refresh, and a call through the [`TokenManager`](super::TokenManager),
 //! can fail with.
 
+use super::coord::CoordError;
 use crate::sync::StdArc as Arc;
 use std::error::Error;
 use std::fmt;
@@ -102,6 +103,28 @@ pub enum AuthError<E> {
     /// refresh gets the same error; callers arriving within the cool-down
     /// after a transient failure get it too, without a new attempt.
     Refresh(RefreshError<E>),
+    /// The store shared with other processes (a manager with a
+    /// [coordinator](super::TokenManager::with_coordinator)) stopped this
+    /// refresh before the refresher was called, or answered it with
+    /// something other than a token:
+    ///
+    /// - [`CoordError::Unavailable`]: the store cannot be reached. A
+    ///   refresh never runs without a claim, so a refresh that is needed now
+    ///   fails at once; tokens already held keep working.
+    /// - [`CoordError::Lost`]: another process's refresh was lost (it died
+    ///   or stalled past its lease after sending it). Counts as signed out:
+    ///   every call gets this, with no refresh, until a `sign_in` anywhere
+    ///   in the fleet (or that holder's late commit).
+    /// - [`CoordError::CoolingDown`]: a refresh failed transiently in
+    ///   another process; no new attempt until its cool-down is over.
+    /// - the store's faults: [`CoordError::Denied`], [`CoordError::Corrupt`],
+    ///   [`CoordError::Codec`], [`CoordError::Config`] (a key that makes an
+    ///   invalid credential name), [`CoordError::GenerationWentBack`] (when
+    ///   re-seeding did not help), [`CoordError::Protocol`].
+    ///
+    /// (The fleet signed out, by `sign_out` or a rejected refresh anywhere,
+    /// is [`SignedOut`](Self::SignedOut).) None of these carries token bytes.
+    Coordination(CoordError),
 }
 
 impl<E: fmt::Debug> fmt::Debug for AuthError<E> {
@@ -109,6 +132,7 @@ impl<E: fmt::Debug> fmt::Debug for AuthError<E> {
         match self {
             AuthError::SignedOut => f.write_str("SignedOut"),
             AuthError::Refresh(e) => f.debug_tuple("Refresh").field(e).finish(),
+            AuthError::Coordination(e) => f.debug_tuple("Coordination").field(e).finish(),
         }
     }
 }
@@ -118,11 +142,30 @@ impl<E: fmt::Display> fmt::Display for AuthError<E> {
         match self {
             AuthError::SignedOut => f.write_str("signed out: sign in again"),
             AuthError::Refresh(e) => e.fmt(f),
+            AuthError::Coordination(e) => e.fmt(f),
         }
     }
 }
 
-impl<E: fmt::Debug + fmt::Display> Error for AuthError<E> {}
+impl<E: fmt::Debug + fmt::Display> Error for AuthError<E> {
+    fn source(&self) -> Option<&(dyn Error + 'static)> {
+        match self {
+            AuthError::Coordination(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl<E> From<CoordError> for AuthError<E> {
+    /// The fleet signed out is [`AuthError::SignedOut`]; every other
+    /// coordination error is [`AuthError::Coordination`].
+    fn from(error: CoordError) -> Self {
+        match error {
+            CoordError::SignedOut => AuthError::SignedOut,
+            error => AuthError::Coordination(error),
+        }
+    }
+}
 
 impl<E> From<RefreshError<E>> for AuthError<E> {
     fn from(error: RefreshError<E>) -> Self {

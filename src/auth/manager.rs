@@ -6,14 +6,14 @@ use std::hash::Hash;
 use std::pin::Pin;
 use std::time::{Duration, Instant};
 
+use super::coord::{Coordinator, SharedCredential};
 use super::credential::ForKey;
-use super::refresh::{Core, Refresher};
+use super::fleet::Coord;
+use super::refresh::{Core, Expiry, Refresher};
 use super::session::{Session, Sessions};
 use super::{AuthError, RefreshError, Unauthorized};
 use crate::sync::{Arc, Mutex};
 use crate::{Epoch, Versioned};
-
-type ExpiresAt<T> = dyn Fn(&T) -> Option<Instant> + Send + Sync;
 
 /// How long after a transient refresh failure callers get that failure at
 /// once instead of a new attempt, unless set with
@@ -145,12 +145,6 @@ pub const DEFAULT_COOLDOWN: Duration = Duration::from_secs(1);
 /// ```
 pub struct TokenManager<T, E, K = ()> {
     pub(super) core: Arc<Core<T, E, K>>,
-    pub(super) expiry: Option<Expiry<T>>,
-}
-
-pub(super) struct Expiry<T> {
-    pub(super) expires_at: Box<ExpiresAt<T>>,
-    pub(super) refresh_ahead: Duration,
 }
 
 /// Counts of what a [`TokenManager`] did, from [`TokenManager::stats`] (all
@@ -173,6 +167,10 @@ pub struct AuthStats {
     /// Calls answered with the last transient failure during its cool-down,
     /// instead of a new refresh attempt.
     pub cooled_down: u64,
+    /// Refreshes answered with a token another process refreshed (or signed
+    /// in), taken from the store instead of calling the refresher (with a
+    /// [coordinator](TokenManager::with_coordinator) only).
+    pub adopted: u64,
 }
 
 /// A refresh attempt, as an [`on_refresh`](TokenManager::on_refresh) hook
@@ -321,7 +319,6 @@ where
         }
         Self {
             core: Arc::new(core),
-            expiry: None,
         }
     }
 
@@ -356,6 +353,118 @@ where
         self.on_key_sign_out(move |()| hook())
     }
 
+    /// Shares the credential with other processes (and hosts) through
+    /// `shared`: one refresh per expiry across all of them, a rotated
+    /// refresh token never presented twice. See [`auth::coord`](super::coord)
+    /// for the protocol and the stores.
+    ///
+    /// Local callers still join this manager's own refresh, and only that
+    /// refresh talks to the store, so store calls per expiry do not grow
+    /// with requests (per process and expiry: one claim and one commit, or
+    /// one claim, one wait and one read). Calls on a valid token make no
+    /// store call at all. A refresh:
+    ///
+    /// 1. **claims** the shared generation of the token held here. If the
+    ///    store holds a newer one (another process refreshed, and this one
+    ///    saw a late `401`), it is adopted, **without refreshing**
+    ///    ([`AuthStats::adopted`]). If another process is refreshing, this
+    ///    one waits for its commit (woken by it, bounded by its lease) and
+    ///    adopts it.
+    /// 2. Otherwise it **refreshes** with the refresh token *read from the
+    ///    store at the claim* (the refresher's `stale` argument), never this
+    ///    process's copy,
+    /// 3. and **commits** the new token as the next generation, fenced: a
+    ///    holder whose claim was taken over cannot overwrite a newer value.
+    ///
+    /// A [`Rejected`](RefreshError::Rejected) refresh of the current
+    /// generation signs the fleet out, a [`Transient`](RefreshError::Transient)
+    /// one cools the fleet down for [this manager's cool-down](Self::with_cooldown),
+    /// and [`sign_in_shared`](Self::sign_in_shared) /
+    /// [`sign_out_shared`](Self::sign_out_shared) act fleet-wide. What the
+    /// fleet decided reaches a process at its next refresh; a process whose
+    /// session the fleet ended asks the store on every call whether it was
+    /// signed in again. The errors are typed ([`AuthError::Coordination`]):
+    ///
+    /// - **Store down**: tokens held keep working; a refresh that is needed
+    ///   fails at once with [`CoordError::Unavailable`](super::coord::CoordError::Unavailable)
+    ///   (never a refresh without a claim). A refresh that succeeded but
+    ///   could not be committed is used here and committed from a
+    ///   background thread as soon as the store is back.
+    /// - **Holder gone**: when a process dies (or stalls past its lease)
+    ///   after sending its refresh, the server may have rotated the refresh
+    ///   token: every process gets [`CoordError::Lost`](super::coord::CoordError::Lost)
+    ///   and counts as signed out until a `sign_in` (or that holder's late
+    ///   commit); nobody presents that refresh token again. With a
+    ///   [reuse grace](super::coord::CoordConfig::with_reuse_grace), one
+    ///   survivor retries instead.
+    ///
+    /// **The refresher must finish well within the
+    /// [lease](super::coord::CoordConfig::new)** (give its HTTP client a
+    /// timeout of at most half the lease): the token server cannot check
+    /// the claim's fence, and a holder still sending at its lease's end is
+    /// taken as gone. Set a [spawner](Self::with_spawner) too: a refresh
+    /// whose local callers were all cancelled (timeouts) then still commits,
+    /// instead of leaving the fleet with a lost refresh.
+    ///
+    /// If the manager was made with a token ([`with_token`](Self::with_token)),
+    /// that token is a **seed**: the first call writes it to the store only
+    /// if the credential was never written, and uses the store's token
+    /// (until then, [`current`](Self::current) is `None`). A token from a
+    /// new login goes to [`sign_in_shared`](Self::sign_in_shared).
+    ///
+    /// **Cookie mode stays in-process**: a token the client cannot read
+    /// (`T = ()`, HttpOnly cookies in each process's own cookie jar) cannot
+    /// cross processes; coordinate only tokens held as values.
+    ///
+    /// # Panics
+    ///
+    /// If a refresh of this manager is still running, which can only be the
+    /// case if a future of this manager's was leaked.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # #[cfg(all(feature = "file-coordination", unix))] {
+    /// use std::time::Duration;
+    /// use epochflight::auth::coord::{CoordConfig, Coordinator, FileStore, Utf8Codec};
+    /// use epochflight::auth::{RefreshError, TokenManager};
+    ///
+    /// # let dir = std::env::temp_dir().join(format!("epochflight-doc-mgr-{}", std::process::id()));
+    /// let store = FileStore::open(&dir)?;
+    /// let config = CoordConfig::new(Duration::from_secs(10))?;
+    /// let shared = Coordinator::new(store, Utf8Codec, config).credential("api")?;
+    ///
+    /// // The same in every process sharing the credential:
+    /// let manager: TokenManager<String, String> =
+    ///     TokenManager::new_blocking(|stale: Option<String>| {
+    ///         // POST `stale` (read from the store at the claim) to the token endpoint.
+    ///         Ok(format!("refreshed-from-{}", stale.as_deref().unwrap_or("nothing")))
+    ///     })
+    ///     .with_coordinator(shared.clone());
+    /// manager.sign_in_shared_blocking("from-login".to_string())?;
+    /// let seen = manager.token_blocking()?;
+    /// let fresh = manager.refresh_if_current_blocking(seen.epoch)?;
+    /// assert_eq!(fresh.value, "refreshed-from-from-login");
+    /// // Another process (here: a second manager) adopts it without refreshing.
+    /// let other: TokenManager<String, String> =
+    ///     TokenManager::new_blocking(|_| Err(RefreshError::Transient("not called".to_string())))
+    ///         .with_coordinator(shared);
+    /// assert_eq!(other.token_blocking()?.value, "refreshed-from-from-login");
+    /// assert_eq!((manager.stats().refresh_calls, other.stats().adopted), (1, 1));
+    /// # std::fs::remove_dir_all(&dir)?;
+    /// # }
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn with_coordinator(mut self, shared: SharedCredential<T>) -> Self {
+        let core = self.core_mut();
+        let seed = core.flights.take(&()).map(|v| v.value);
+        core.coord = Some(Coord::One {
+            shared,
+            seed: Mutex::new(seed),
+        });
+        self
+    }
+
     fn only(&self) -> ForKey<'_, T, E, ()> {
         self.for_key(&())
     }
@@ -372,7 +481,10 @@ where
     ///
     /// [`AuthError::SignedOut`] at once while signed out;
     /// [`AuthError::Refresh`] if the refresh this call waited on failed, or
-    /// during the cool-down after a transient failure.
+    /// during the cool-down after a transient failure; with a
+    /// [coordinator](Self::with_coordinator), [`AuthError::Coordination`]
+    /// when the store stopped the refresh (unavailable, a lost refresh, the
+    /// fleet cooling down, a damaged record, …).
     ///
     /// # Cancel safety
     ///
@@ -429,7 +541,8 @@ where
     ///
     /// [`AuthError::SignedOut`] at once while signed out;
     /// [`AuthError::Refresh`] if the refresh failed, or at once during the
-    /// cool-down after a transient failure.
+    /// cool-down after a transient failure; with a coordinator,
+    /// [`AuthError::Coordination`] (see [`token`](Self::token)).
     ///
     /// # Cancel safety
     ///
@@ -577,18 +690,101 @@ where
     /// let epoch = manager.sign_in("from-login".to_string());
     /// assert_eq!(manager.token_blocking().unwrap().epoch, epoch);
     /// ```
+    ///
+    /// With a [coordinator](Self::with_coordinator) it signs the whole fleet
+    /// in, as [`sign_in_shared_blocking`](Self::sign_in_shared_blocking)
+    /// does, and blocks on the store for it (in async code, use
+    /// [`sign_in_shared`](Self::sign_in_shared)). If the store cannot be
+    /// reached, the token is used in this process only, and offered to the
+    /// store as a seed (written only if the credential was never written)
+    /// when it needs a refresh; call `sign_in_shared` to learn of the
+    /// failure and sign the fleet in later.
     pub fn sign_in(&self, token: T) -> Epoch {
         self.only().sign_in(token)
+    }
+
+    /// Signs every process sharing the credential in with `token` (after a
+    /// login): the store first ([`SharedCredential::sign_in`], a new shared
+    /// generation, so a claim in progress elsewhere is fenced), then this
+    /// process, as [`sign_in`](Self::sign_in). The other processes take the
+    /// token at their next refresh, or at once if the fleet was signed out
+    /// (they ask the store on every call then). Without a coordinator, the
+    /// same as `sign_in`.
+    ///
+    /// # Errors
+    ///
+    /// [`AuthError::Coordination`] if the store refused or cannot be
+    /// reached; nothing changed then, here or in the store.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropped before the store answered, the fleet may or may not be
+    /// signed in; this process is not.
+    pub async fn sign_in_shared(&self, token: T) -> Result<Epoch, AuthError<E>> {
+        self.only().sign_in_shared(token).await
+    }
+
+    /// Blocking [`sign_in_shared`](Self::sign_in_shared).
+    ///
+    /// # Blocking
+    ///
+    /// Blocks on the store (with a coordinator).
+    ///
+    /// # Errors
+    ///
+    /// As [`sign_in_shared`](Self::sign_in_shared).
+    pub fn sign_in_shared_blocking(&self, token: T) -> Result<Epoch, AuthError<E>> {
+        self.only().sign_in_shared_blocking(token)
     }
 
     /// Signs out: drops the token; every call returns
     /// [`AuthError::SignedOut`] at once, without a network call, until
     /// [`sign_in`](Self::sign_in).
+    ///
+    /// With a [coordinator](Self::with_coordinator) it signs the whole fleet
+    /// out, as [`sign_out_shared_blocking`](Self::sign_out_shared_blocking)
+    /// does, and blocks on the store for it (in async code, use
+    /// [`sign_out_shared`](Self::sign_out_shared)).
     pub fn sign_out(&self) {
         self.only().sign_out()
     }
 
-    /// Whether the session is signed out.
+    /// Signs every process sharing the credential out: this process at once,
+    /// then the store. The others find out at their next refresh (a claim is
+    /// answered "signed out"); a claim in progress elsewhere is fenced.
+    /// Afterwards each call here asks the store (one read per flight, no
+    /// refresh) whether the fleet signed in again. Without a coordinator,
+    /// the same as [`sign_out`](Self::sign_out).
+    ///
+    /// # Errors
+    ///
+    /// [`AuthError::Coordination`] if the store refused or cannot be
+    /// reached: this process is signed out anyway, for good (until
+    /// `sign_in`), and the other processes are not.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropped before the store answered, this process is still signed in
+    /// and the fleet may or may not be signed out.
+    pub async fn sign_out_shared(&self) -> Result<(), AuthError<E>> {
+        self.only().sign_out_shared().await
+    }
+
+    /// Blocking [`sign_out_shared`](Self::sign_out_shared).
+    ///
+    /// # Blocking
+    ///
+    /// Blocks on the store (with a coordinator).
+    ///
+    /// # Errors
+    ///
+    /// As [`sign_out_shared`](Self::sign_out_shared).
+    pub fn sign_out_shared_blocking(&self) -> Result<(), AuthError<E>> {
+        self.only().sign_out_shared_blocking()
+    }
+
+    /// Whether the session is signed out (with a coordinator: also when the
+    /// fleet signed out, or another process's refresh was lost).
     pub fn is_signed_out(&self) -> bool {
         self.only().is_signed_out()
     }
@@ -676,7 +872,6 @@ where
         let sessions = Sessions::PerKey(Mutex::new(Default::default()));
         Self {
             core: Arc::new(Core::new(refresher, sessions)),
-            expiry: None,
         }
     }
 
@@ -730,8 +925,19 @@ where
     /// refresh, while other callers keep using it until it actually expires.
     /// An expired token is refreshed before use.
     ///
-    /// If the refresh ahead fails transiently, the caller that made it uses
-    /// the still-valid token; the next attempt waits for the cool-down.
+    /// If the refresh ahead fails transiently (or, with a coordinator, the
+    /// store is unavailable or the fleet cools down), the caller that made
+    /// it uses the still-valid token; the next attempt waits for the
+    /// cool-down.
+    ///
+    /// With a [coordinator](Self::with_coordinator), `expires_at` also gives
+    /// the expiry stored with a committed token (in the store's clock, for
+    /// other processes to read).
+    ///
+    /// # Panics
+    ///
+    /// If a refresh of this manager is still running, which can only be the
+    /// case if a future of this manager's was leaked.
     ///
     /// # Examples
     ///
@@ -752,9 +958,61 @@ where
     where
         F: Fn(&T) -> Option<Instant> + Send + Sync + 'static,
     {
-        self.expiry = Some(Expiry {
+        self.core_mut().expiry = Some(Expiry {
             expires_at: Box::new(expires_at),
             refresh_ahead,
+        });
+        self
+    }
+
+    /// Shares every key's credential with other processes through
+    /// `coordinator`: key `k` is the store's credential `name(&k)`, each its
+    /// own record, as [`with_coordinator`](TokenManager::with_coordinator)
+    /// does for a manager of one credential (see there).
+    ///
+    /// `name` must give the same name for a key in every process, and
+    /// different names for different keys; a name is 1 to 128 bytes of
+    /// `A-Z a-z 0-9 . _ -`, not starting with `.`. A key whose name is
+    /// invalid fails every refresh with
+    /// `AuthError::Coordination(CoordError::Config(ConfigError::InvalidName))`,
+    /// without calling the refresher.
+    ///
+    /// # Panics
+    ///
+    /// If a refresh of this manager is still running, which can only be the
+    /// case if a future of this manager's was leaked.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # #[cfg(all(feature = "file-coordination", unix))] {
+    /// use std::time::Duration;
+    /// use epochflight::auth::coord::{ConfigError, CoordConfig, CoordError, Coordinator, FileStore, Utf8Codec};
+    /// use epochflight::auth::{AuthError, TokenManager};
+    ///
+    /// # let dir = std::env::temp_dir().join(format!("epochflight-doc-keyed-{}", std::process::id()));
+    /// let store = FileStore::open(&dir)?;
+    /// let coordinator = Coordinator::new(store, Utf8Codec, CoordConfig::new(Duration::from_secs(10))?);
+    /// let tenants: TokenManager<String, String, String> =
+    ///     TokenManager::keyed_blocking(|tenant, _stale| Ok(format!("token-of-{tenant}")))
+    ///         .with_keyed_coordinator(coordinator, |tenant: &String| format!("tenant-{tenant}"));
+    /// assert_eq!(tenants.for_key(&"acme".into()).token_blocking()?.value, "token-of-acme");
+    /// assert_eq!(
+    ///     tenants.for_key(&"a b".into()).token_blocking(),
+    ///     Err(AuthError::Coordination(CoordError::Config(ConfigError::InvalidName)))
+    /// );
+    /// # std::fs::remove_dir_all(&dir)?;
+    /// # }
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn with_keyed_coordinator<F>(mut self, coordinator: Coordinator<T>, name: F) -> Self
+    where
+        F: Fn(&K) -> String + Send + Sync + 'static,
+    {
+        self.core_mut().coord = Some(Coord::PerKey {
+            coordinator,
+            name: Box::new(name),
+            open: Mutex::new(Default::default()),
         });
         self
     }
@@ -914,7 +1172,15 @@ where
         out.field("cooldown", &self.core.cooldown)
             .field(
                 "refresh_ahead",
-                &self.expiry.as_ref().map(|e| e.refresh_ahead),
+                &self.core.expiry.as_ref().map(|e| e.refresh_ahead),
+            )
+            .field(
+                "coordinator",
+                &self
+                    .core
+                    .coord
+                    .as_ref()
+                    .map(|c| c.name().unwrap_or("per key")),
             )
             .field("stats", &self.stats())
             .finish()

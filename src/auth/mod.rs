@@ -47,6 +47,7 @@
 //! | [`TokenManager<T, E, K>`](TokenManager::keyed) | one credential per key (tenant, scope, audience), each with all of the above: [`for_key`](TokenManager::for_key) gives a key's [`ForKey`] |
 //! | [`RefreshError`], [`AuthError`] | what a refresh fails with (`Rejected` ends the session, `Transient` cools down), and what a call fails with; for an error type that is not `Clone`, the manager's error type is `Arc<E>` (see [`TokenManager`]) |
 //! | [`Unauthorized`] | how `send` tells a `401` from a client's answer |
+//! | [`coord`], [`TokenManager::with_coordinator`] | one refresh per expiry across processes and hosts: the managers of every process share the credential through a store (a directory on one host, feature `file-coordination`; Redis, feature `redis`) |
 //! | `AuthLayer` (feature `tower`), `AuthMiddleware` (feature `reqwest`), `UreqAuthMiddleware` (feature `ureq`) | the same routine as `send` for tower services (hyper), reqwest-middleware clients and ureq agents, with a credential per request for a keyed manager |
 //! | `classify`, `Credential`, `SkipAuth`, `NotReplayed` (feature `http`) | which `401`s a refresh can fix, how a token goes on a request, the marker for a refresher's own request, the note on a response that was not sent again |
 //!
@@ -66,6 +67,7 @@ use std::any::Any;
 pub mod coord;
 mod credential;
 mod error;
+mod fleet;
 mod manager;
 mod refresh;
 mod retry;

@@ -6,9 +6,11 @@
 //! runs exactly once per flight, even when handed to another caller, so its
 //! effects happen once.
 //!
-//! (Issue 14's cross-process coordinator belongs around the refresher call in
-//! [`refresh`]: claim the shared generation, adopt a newer one instead of
-//! refreshing, or refresh and commit.)
+//! With a coordinator, the flight's work is [`fleet::refresh`](super::fleet::refresh)
+//! instead of a plain call to the refresher: it claims the shared
+//! generation, adopts a newer one instead of refreshing, or refreshes and
+//! commits. Only this work talks to the store: local callers join the
+//! flight (two levels of single flight).
 
 use std::any::Any;
 use std::future::Future;
@@ -17,8 +19,10 @@ use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
 use std::pin::Pin;
 use std::time::Instant;
 
-use super::session::{Counters, Session, count};
-use super::wait::RefreshPolls;
+use super::coord::Generation;
+use super::fleet::{self, Coord};
+use super::session::{Counters, Fleet, Session, count};
+use super::wait::{RefreshPolls, Wait};
 use super::{AuthError, RefreshError, RefreshEvent};
 use crate::sync::{Arc, AtomicBool, Mutex, Ordering};
 use crate::{Epoch, SingleFlight};
@@ -29,6 +33,13 @@ type AsyncRefresh<T, E, K> = dyn Fn(K, Option<T>) -> BoxFuture<RefreshResult<T, 
 type BlockingRefresh<T, E, K> = dyn Fn(K, Option<T>) -> RefreshResult<T, E> + Send + Sync;
 pub(super) type RefreshHook<T, E, K> = dyn Fn(&RefreshEvent<'_, T, E, K>) + Send + Sync;
 pub(super) type SignOutHook<K> = dyn Fn(&K) + Send + Sync;
+type ExpiresAt<T> = dyn Fn(&T) -> Option<std::time::Instant> + Send + Sync;
+
+/// When tokens expire, and how long before that one caller refreshes.
+pub(super) struct Expiry<T> {
+    pub(super) expires_at: Box<ExpiresAt<T>>,
+    pub(super) refresh_ahead: std::time::Duration,
+}
 
 /// The user's refresh call.
 pub(super) enum Refresher<T, E, K> {
@@ -66,6 +77,9 @@ pub(super) struct Core<T, E, K> {
     pub(super) cooldown: std::time::Duration,
     pub(super) on_refresh: Option<Box<RefreshHook<T, E, K>>>,
     pub(super) on_sign_out: Option<Box<SignOutHook<K>>>,
+    pub(super) expiry: Option<Expiry<T>>,
+    /// The store shared with other processes, if any.
+    pub(super) coord: Option<Coord<T, K>>,
     /// A panic caught in a hook that ran inside a refresh, re-raised in a
     /// caller once the refresh's result is stored (see `run_hook`).
     hook_panic: Mutex<Option<Box<dyn Any + Send>>>,
@@ -87,19 +101,23 @@ impl<T, E, K> Core<T, E, K> {
             cooldown: super::DEFAULT_COOLDOWN,
             on_refresh: None,
             on_sign_out: None,
+            expiry: None,
+            coord: None,
             hook_panic: Mutex::new(None),
             hook_panicked: AtomicBool::new(false),
         }
     }
 }
 
-/// A flight's work: one call to the refresher for `key`, and what its result
-/// means for the key's session.
+/// A flight's work: one call to the refresher for `key` (with a coordinator,
+/// the claim, refresh, commit of [`fleet::refresh`]), and what its result
+/// means for the key's session. `wait` says how its store calls wait.
 pub(super) fn refresh<T, E, K>(
     core: Arc<Core<T, E, K>>,
     session: Arc<Session<E>>,
     key: K,
     seen: Epoch,
+    wait: Wait,
 ) -> impl Future<Output = Result<T, AuthError<E>>> + Send + 'static
 where
     T: Clone + Send + Sync + 'static,
@@ -119,9 +137,10 @@ where
             // failure was recorded must not make a new attempt inside the
             // cool-down.
             let cooling = session.cooling(core.cooldown).cloned();
-            Ok((core.flights.current(&key), cooling))
+            let shared = (session.generation(), session.fleet());
+            Ok((core.flights.current(&key), cooling, shared))
         });
-        let (stale, cooling) = decided?;
+        let (stale, cooling, (generation, fleet)) = decided?;
         let base = stale.as_ref().map_or(Epoch::NONE, |s| s.epoch);
         if base > seen {
             // `sign_in` stored a newer token after this refresh was asked
@@ -133,15 +152,40 @@ where
             count(|c| &c.cooled_down, &session.counters, &core.counters);
             return Err(AuthError::Refresh(failure));
         }
-        count(|c| &c.refresh_calls, &session.counters, &core.counters);
         let stale = stale.map(|s| s.value);
-        let result = match &core.refresher {
-            Refresher::Async(refresh) => refresh(key.clone(), stale).await,
-            Refresher::Blocking(refresh) => refresh(key.clone(), stale),
-        };
-        core.record(&session, &key, base, &result);
+        if core.coord.is_some() {
+            let shared = fleet::Shared {
+                generation,
+                fleet,
+                wait,
+            };
+            return fleet::refresh(&core, &session, key, base, stale, shared).await;
+        }
+        let result = core.call_refresher(&session, &key, stale).await;
+        core.record(&session, &key, base, &result, None);
         result.map_err(AuthError::Refresh)
     })
+}
+
+impl<T, E, K: Clone> Core<T, E, K> {
+    /// Calls the refresher (counted).
+    pub(super) async fn call_refresher(
+        &self,
+        session: &Session<E>,
+        key: &K,
+        stale: Option<T>,
+    ) -> RefreshResult<T, E> {
+        count(|c| &c.refresh_calls, &session.counters, &self.counters);
+        match &self.refresher {
+            Refresher::Async(refresh) => refresh(key.clone(), stale).await,
+            Refresher::Blocking(refresh) => refresh(key.clone(), stale),
+        }
+    }
+
+    /// When `token` expires, if the manager knows ([`with_expiry`](super::TokenManager::with_expiry)).
+    pub(super) fn expires_at(&self, token: &T) -> Option<std::time::Instant> {
+        self.expiry.as_ref().and_then(|e| (e.expires_at)(token))
+    }
 }
 
 impl<T, E, K> Core<T, E, K>
@@ -153,7 +197,18 @@ where
     /// Applies a refresh result to the session: clears or starts the
     /// cool-down, or signs out if the rejected refresh was for the token that
     /// is still current. Then tells the hooks.
-    fn record(&self, session: &Session<E>, key: &K, base: Epoch, result: &RefreshResult<T, E>) {
+    ///
+    /// With a coordinator, `generation` is the shared generation of a new
+    /// token, and a rejection is the fleet's sign-out (the store was told):
+    /// not final here either, a `sign_in` anywhere ends it.
+    pub(super) fn record(
+        &self,
+        session: &Session<E>,
+        key: &K,
+        base: Epoch,
+        result: &RefreshResult<T, E>,
+        generation: Option<Generation>,
+    ) {
         let counted = |pick: fn(&Counters) -> &crate::sync::AtomicU64| {
             count(pick, &session.counters, &self.counters)
         };
@@ -176,21 +231,32 @@ where
                 Err(RefreshError::Rejected(_)) => counted(|c| &c.refreshes_rejected),
             }
             let mut removed = None;
+            let mut signed_out_now = false;
             let old_failure = match result {
-                Ok(_) => session.set_failure(None),
+                Ok(_) => {
+                    if current && self.coord.is_some() {
+                        session.set_generation(generation);
+                        session.set_fleet(Fleet::In);
+                    }
+                    session.set_failure(None)
+                }
                 Err(RefreshError::Transient(_)) if current => session.set_failure(failure),
                 Err(RefreshError::Transient(_)) => failure,
                 Err(RefreshError::Rejected(_)) => {
                     if current {
-                        session.set_signed_out(true);
+                        signed_out_now = if self.coord.is_some() {
+                            session.set_fleet(Fleet::SignedOut)
+                        } else {
+                            session.set_signed_out(true)
+                        };
                         removed = Some(self.flights.take(key));
                     }
                     None
                 }
             };
-            (current, removed, old_failure)
+            (current, (removed, signed_out_now), old_failure)
         });
-        let signed_out_now = removed.is_some();
+        let (removed, signed_out_now) = removed;
         drop((removed, old_failure));
         if let Some(hook) = &self.on_refresh {
             self.run_hook(|| {

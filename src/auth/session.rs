@@ -12,6 +12,7 @@ use std::hash::Hash;
 use std::ops::Deref;
 use std::time::{Duration, Instant};
 
+use super::coord::Generation;
 use super::{AuthStats, RefreshError};
 use crate::Epoch;
 use crate::sync::{Arc, AtomicBool, AtomicU64, Mutex, Ordering};
@@ -32,6 +33,15 @@ pub(super) struct Session<E> {
     /// [`thread_tag`](super::wait::thread_tag); 0 for none. A blocking call on
     /// that thread would keep the task from finishing the refresh.
     pub(super) driver: AtomicU64,
+    /// With a coordinator: the shared generation of the stored token (or,
+    /// with none stored, the last one this session knew), [`UNKNOWN`]
+    /// before the store was asked. Written under `state`'s lock.
+    generation: AtomicU64,
+    /// With a coordinator: why the fleet ended this session, if it did
+    /// ([`Fleet`]). Unlike `signed_out`, it is not final: the next call
+    /// asks the store whether the fleet signed in again. Written under
+    /// `state`'s lock.
+    fleet: AtomicU64,
     state: Mutex<State<E>>,
     pub(super) counters: Counters,
 }
@@ -48,13 +58,22 @@ impl<E> Session<E> {
             failing: AtomicBool::new(false),
             ahead: AtomicU64::new(Epoch::NONE.0),
             driver: AtomicU64::new(0),
+            generation: AtomicU64::new(UNKNOWN),
+            fleet: AtomicU64::new(Fleet::In as u64),
             state: Mutex::new(State { last_failure: None }),
             counters: Counters::default(),
         }
     }
 
+    /// Signed out by this process (`sign_out`, or a rejected refresh
+    /// without a coordinator): final until `sign_in`.
     pub(super) fn is_signed_out(&self) -> bool {
         self.signed_out.load(Ordering::Acquire)
+    }
+
+    /// Why the fleet ended this session, if it did (coordinator only).
+    pub(super) fn fleet(&self) -> Fleet {
+        Fleet::from_u64(self.fleet.load(Ordering::Acquire))
     }
 
     /// Whether a transient failure is recorded: only then can a call be
@@ -118,6 +137,30 @@ impl<E> Locked<'_, E> {
         self.session.signed_out.swap(signed_out, Ordering::AcqRel) != signed_out
     }
 
+    /// The shared generation of the stored token, `None` if unknown.
+    pub(super) fn generation(&self) -> Option<Generation> {
+        match self.session.generation.load(Ordering::Relaxed) {
+            UNKNOWN => None,
+            g => Some(Generation::new(g)),
+        }
+    }
+
+    pub(super) fn set_generation(&mut self, generation: Option<Generation>) {
+        let g = generation.map_or(UNKNOWN, Generation::get);
+        self.session.generation.store(g, Ordering::Relaxed);
+    }
+
+    pub(super) fn fleet(&self) -> Fleet {
+        self.session.fleet()
+    }
+
+    /// Sets the fleet's verdict on this session; whether the session went
+    /// from signed in to ended by it.
+    pub(super) fn set_fleet(&mut self, fleet: Fleet) -> bool {
+        let was = Fleet::from_u64(self.session.fleet.swap(fleet as u64, Ordering::AcqRel));
+        was == Fleet::In && fleet != Fleet::In && !self.is_signed_out()
+    }
+
     /// The last transient failure, if it is within the cool-down.
     pub(super) fn cooling(&self, cooldown: Duration) -> Option<&RefreshError<E>> {
         let (failed_at, failure) = self.state.last_failure.as_ref()?;
@@ -140,8 +183,36 @@ impl<E> Locked<'_, E> {
     /// outside the lock.
     pub(super) fn reset(&mut self) -> Option<(Instant, RefreshError<E>)> {
         self.set_signed_out(false);
+        self.set_fleet(Fleet::In);
+        self.set_generation(None);
         self.session.ahead.store(Epoch::NONE.0, Ordering::Release);
         self.set_failure(None)
+    }
+}
+
+/// [`Session::generation`] before the store was asked.
+const UNKNOWN: u64 = u64::MAX;
+
+/// The fleet's verdict on a session (coordinator only).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[repr(u64)]
+pub(super) enum Fleet {
+    /// Signed in, as far as this process knows.
+    In = 0,
+    /// Signed out fleet-wide (a `sign_out`, or a rejected refresh of the
+    /// current generation, in any process).
+    SignedOut = 1,
+    /// A holder's refresh was lost ([`CoordError::Lost`](super::coord::CoordError::Lost)).
+    Lost = 2,
+}
+
+impl Fleet {
+    fn from_u64(n: u64) -> Fleet {
+        match n {
+            1 => Fleet::SignedOut,
+            2 => Fleet::Lost,
+            _ => Fleet::In,
+        }
     }
 }
 
@@ -155,6 +226,7 @@ pub(super) struct Counters {
     pub(super) sign_outs: AtomicU64,
     pub(super) retries: AtomicU64,
     pub(super) cooled_down: AtomicU64,
+    pub(super) adopted: AtomicU64,
 }
 
 impl Counters {
@@ -168,6 +240,7 @@ impl Counters {
             sign_outs: load(&self.sign_outs),
             retries: load(&self.retries),
             cooled_down: load(&self.cooled_down),
+            adopted: load(&self.adopted),
         }
     }
 }

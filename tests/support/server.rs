@@ -35,6 +35,11 @@
 //! client killed meanwhile surely loses the new token ([`Counters::held_responses`]
 //! tells the test the rotation happened).
 //!
+//! Holding 401s ([`TestServer::hold_unauthorized`]): a protected request's 401 is held
+//! after its verdict until [`TestServer::release_held_unauthorized`]
+//! ([`Counters::held_unauthorized`] counts them), so a test decides when a client sees
+//! its late 401.
+//!
 //! The verdict of a protected request is fixed when it *arrives*; a 401 is then held back
 //! for `unauthorized_delay` (a "late 401"), so it stays a 401 even if a refresh completes
 //! meanwhile. A request counts as arrived (see [`TestServer::wait_for_arrivals`]) once its
@@ -101,6 +106,8 @@ pub struct Counters {
     pub grace_reuses: u64,
     /// Token-endpoint responses that were held (rotation done, response not sent yet).
     pub held_responses: u64,
+    /// 401s from protected endpoints that were held (verdict fixed, response not sent yet).
+    pub held_unauthorized: u64,
     /// Requests to protected endpoints whose verdict is fixed.
     pub arrivals: u64,
     /// 200s from protected endpoints.
@@ -131,6 +138,9 @@ struct State {
     hold_responses: bool,
     /// Bumped by `release_held_responses`: a held response waits for a bump.
     releases: u64,
+    hold_unauthorized: bool,
+    /// Bumped by `release_held_unauthorized`.
+    unauthorized_releases: u64,
     /// session id -> its previous refresh token (the one rotated last).
     previous: HashMap<u64, String>,
     next_id: u64,
@@ -265,6 +275,8 @@ impl TestServer {
             reject_refresh: false,
             hold_responses: false,
             releases: 0,
+            hold_unauthorized: false,
+            unauthorized_releases: 0,
             previous: HashMap::new(),
             next_id: 0,
             sessions: HashMap::new(),
@@ -381,6 +393,18 @@ impl TestServer {
     /// Sends every response held so far.
     pub fn release_held_responses(&self) {
         self.shared.update(|s| s.releases += 1);
+    }
+
+    /// While true, every 401 from a protected endpoint is held after its verdict until
+    /// [`TestServer::release_held_unauthorized`] or until this mode is turned off; each
+    /// counts in [`Counters::held_unauthorized`].
+    pub fn hold_unauthorized(&self, hold: bool) {
+        self.shared.update(|s| s.hold_unauthorized = hold);
+    }
+
+    /// Sends every 401 held so far.
+    pub fn release_held_unauthorized(&self) {
+        self.shared.update(|s| s.unauthorized_releases += 1);
     }
 
     /// Lets the previous refresh token of a session be accepted once more within `d`
@@ -566,7 +590,7 @@ const INSUFFICIENT_SCOPE: &str = r#"Bearer error="insufficient_scope""#;
 async fn protected(shared: &Shared, req: &Request<Incoming>) -> Resp {
     let path = req.uri().path();
     let token = bearer(req).or_else(|| cookie(req, "access"));
-    let (status, challenge, delay, session) = shared.update(|s| {
+    let (status, challenge, delay, session, hold) = shared.update(|s| {
         let token = token.as_deref();
         let session = token.and_then(|t| s.access.get(t)).map(|t| t.session);
         let valid = token.is_some_and(|t| s.access_valid(t));
@@ -583,10 +607,28 @@ async fn protected(shared: &Shared, req: &Request<Incoming>) -> Resp {
             StatusCode::UNAUTHORIZED => s.counters.resource_unauthorized += 1,
             _ => {}
         }
-        (status, challenge, s.cfg.unauthorized_delay, session)
+        let hold = (status == StatusCode::UNAUTHORIZED && s.hold_unauthorized).then(|| {
+            s.counters.held_unauthorized += 1;
+            s.unauthorized_releases
+        });
+        (status, challenge, s.cfg.unauthorized_delay, session, hold)
     });
     if status == StatusCode::UNAUTHORIZED && !delay.is_zero() {
         tokio::time::sleep(delay).await;
+    }
+    if let Some(releases) = hold {
+        loop {
+            let notified = shared.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable(); // register before checking: no lost wake-up
+            {
+                let s = shared.lock();
+                if !s.hold_unauthorized || s.unauthorized_releases > releases {
+                    break;
+                }
+            }
+            notified.await;
+        }
     }
     let body = match status {
         StatusCode::OK => format!(

@@ -2,7 +2,7 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -88,6 +88,7 @@ impl<T: Send + 'static> Coordinator<T> {
                 config: self.config,
                 high_water: AtomicU64::new(0),
                 pending: Mutex::new(None),
+                flushing: AtomicBool::new(false),
                 counters: Counters::default(),
             }),
         })
@@ -114,6 +115,9 @@ struct Inner<T> {
     high_water: AtomicU64,
     /// A commit the store could not take, sent before the next call.
     pending: Mutex<Option<PendingCommit>>,
+    /// Whether a thread is sending the pending commit
+    /// ([`flush_in_background`](SharedCredential::flush_in_background)).
+    flushing: AtomicBool,
     counters: Counters,
 }
 
@@ -474,6 +478,52 @@ impl<T: Send + 'static> SharedCredential<T> {
         }
     }
 
+    /// A seed's outcome: whether it wrote the record, and the record.
+    fn seed_outcome(&self, applied: Applied) -> Result<(bool, Snapshot<T>), CoordError> {
+        let written = applied.verdict == Verdict::Done;
+        Ok((written, self.write_outcome(applied)?))
+    }
+
+    /// Sends the pending commit from a thread of its own, again and again
+    /// while the store is unreachable (every 50 ms at first, then every
+    /// second), so that it lands once the store is back even if this process
+    /// makes no other call (the rest of the fleet is waiting for it). Stops
+    /// when it landed, was fenced, failed otherwise, or when this thread
+    /// holds the last handle of the credential.
+    pub(crate) fn flush_in_background(&self) {
+        if self.inner.flushing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let handle = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("epochflight-coord-flush".into())
+            .spawn(move || {
+                let mut pause = Duration::from_millis(50);
+                loop {
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_secs(1));
+                    let wanted =
+                        Arc::strong_count(&handle.inner) > 1 && handle.has_pending_commit();
+                    let retry = wanted
+                        && matches!(handle.flush_blocking(), Err(CoordError::Unavailable { .. }));
+                    if retry {
+                        continue;
+                    }
+                    handle.inner.flushing.store(false, Ordering::Release);
+                    // A commit made pending meanwhile found this thread
+                    // still running: take it on.
+                    let more = wanted && handle.has_pending_commit();
+                    if !more || handle.inner.flushing.swap(true, Ordering::AcqRel) {
+                        return;
+                    }
+                }
+            });
+        if spawned.is_err() {
+            // No thread: the next call sends it.
+            self.inner.flushing.store(false, Ordering::Release);
+        }
+    }
+
     fn write_outcome(&self, applied: Applied) -> Result<Snapshot<T>, CoordError> {
         match applied.verdict {
             Verdict::Done | Verdict::Exists => self.snapshot(&applied),
@@ -750,13 +800,24 @@ impl<T: Send + 'static> SharedCredential<T> {
         token: &T,
         expires_at: Option<Instant>,
     ) -> Result<Snapshot<T>, CoordError> {
+        self.seed_written_blocking(token, expires_at)
+            .map(|(_, snapshot)| snapshot)
+    }
+
+    /// [`seed_blocking`](Self::seed_blocking), and whether it wrote the
+    /// record.
+    pub(crate) fn seed_written_blocking(
+        &self,
+        token: &T,
+        expires_at: Option<Instant>,
+    ) -> Result<(bool, Snapshot<T>), CoordError> {
         let op = Op::Seed {
             token: self.encode(token)?,
             expires_in_ms: millis_until(expires_at),
             min_generation: self.min_generation() - 1,
         };
         let applied = self.run_blocking(&op)?;
-        self.write_outcome(applied)
+        self.seed_outcome(applied)
     }
 
     /// Re-seeds a store that lost data. See [`reseed`](Self::reseed).
@@ -1055,13 +1116,23 @@ impl<T: Send + 'static> SharedCredential<T> {
         token: &T,
         expires_at: Option<Instant>,
     ) -> Result<Snapshot<T>, CoordError> {
+        let (_, snapshot) = self.seed_written(token, expires_at).await?;
+        Ok(snapshot)
+    }
+
+    /// [`seed`](Self::seed), and whether it wrote the record.
+    pub(crate) async fn seed_written(
+        &self,
+        token: &T,
+        expires_at: Option<Instant>,
+    ) -> Result<(bool, Snapshot<T>), CoordError> {
         let op = Op::Seed {
             token: self.encode(token)?,
             expires_in_ms: millis_until(expires_at),
             min_generation: self.min_generation() - 1,
         };
         let applied = self.run(op).await?;
-        self.write_outcome(applied)
+        self.seed_outcome(applied)
     }
 
     /// After [`CoordError::GenerationWentBack`]: writes this process's

@@ -13,7 +13,7 @@ use super::Generation;
 
 /// Why a coordination call failed.
 #[non_exhaustive]
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum CoordError {
     /// The store could not be reached, or did not answer in time. No refresh
     /// may start without a claim, so a refresh that is needed now fails with
@@ -135,7 +135,7 @@ impl Error for CoordError {
 
 /// What is wrong with a stored record.
 #[non_exhaustive]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Corruption {
     /// The key holds another type (Redis), or the path is not a file.
     WrongType,
@@ -170,7 +170,7 @@ impl fmt::Display for Corruption {
 
 /// A [`TokenCodec`](super::TokenCodec) failure. Carries a message only: a
 /// codec must not put token bytes in it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct CodecError {
     message: Cow<'static, str>,
 }
@@ -199,7 +199,7 @@ impl Error for CodecError {}
 
 /// An invalid configuration.
 #[non_exhaustive]
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum ConfigError {
     /// The lease must be longer than zero.
     ZeroLease,

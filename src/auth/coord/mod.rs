@@ -58,14 +58,21 @@
 //! (`T = ()`, HttpOnly cookies in each process's own cookie jar) cannot
 //! cross processes: coordinate only tokens you hold as values.
 //!
-//! # How a manager calls it
+//! # With a `TokenManager`
 //!
-//! Two levels of single flight: local callers join the manager's own
-//! flight, and only that flight talks to the store, so store calls per
-//! expiry do not grow with requests (per process and expiry: one claim, one
-//! commit or one wait and one read). Sketch of the manager's refresh work
-//! for a local token of shared generation `g` (the blocking twins are the
-//! same with `_blocking`):
+//! [`TokenManager::with_coordinator`](super::TokenManager::with_coordinator)
+//! (one credential) and
+//! [`with_keyed_coordinator`](super::TokenManager::with_keyed_coordinator)
+//! (one credential per key) run this protocol inside the manager's refresh:
+//! nothing else changes for its callers. Two levels of single flight: local
+//! callers join the manager's own flight, and only that flight talks to the
+//! store, so store calls per expiry do not grow with requests (per process
+//! and expiry: one claim, one commit or one wait and one read).
+//!
+//! # Without a manager
+//!
+//! Sketch of what the manager's refresh does, for a local token of shared
+//! generation `g` (the blocking twins are the same with `_blocking`):
 //!
 //! ```no_run
 //! use std::time::{Duration, Instant};
@@ -114,11 +121,11 @@
 //! }
 //! ```
 //!
-//! At start a manager [`seed`](SharedCredential::seed)s its initial token
-//! (written only if the credential was never written) and adopts what the
+//! At its first call a manager made with a token [`seed`](SharedCredential::seed)s
+//! it (written only if the credential was never written) and adopts what the
 //! store holds; `sign_in`/`sign_out` go to the store first. On
 //! [`CoordError::GenerationWentBack`] it [`reseed`](SharedCredential::reseed)s
-//! its newest token (upwards only).
+//! the token it holds (upwards only) and refreshes nothing in that call.
 //!
 //! # Blocking and async
 //!

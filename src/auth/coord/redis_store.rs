@@ -570,27 +570,35 @@ impl Slot for RedisSlot {
 
     fn wait_blocking(&self, cursor: &Cursor, timeout: Duration) -> Result<(), CoordError> {
         let timeout = timeout.min(self.shared.config.max_wait);
-        let pooled = self.shared.blocking_waiters.lock().pop();
         let read_timeout = timeout + self.shared.config.io_timeout;
-        let mut conn = match pooled {
-            Some(conn) => {
-                conn.set_read_timeout(Some(read_timeout))
-                    .map_err(classify)?;
-                conn
-            }
-            None => self.shared.connect_blocking(read_timeout)?,
-        };
-        self.count();
-        match self.xread_cmd(cursor, timeout).query::<Value>(&mut conn) {
-            Ok(_) => {
-                let mut pool = self.shared.blocking_waiters.lock();
-                if pool.len() < POOL {
-                    pool.push(conn);
+        // A pooled connection may have died since (a Redis restart): then
+        // once more on a fresh one.
+        for attempt in 0..2 {
+            let pooled = self.shared.blocking_waiters.lock().pop();
+            let fresh = pooled.is_none();
+            let mut conn = match pooled {
+                Some(conn) => match conn.set_read_timeout(Some(read_timeout)) {
+                    Ok(()) => conn,
+                    Err(_) => continue,
+                },
+                None => self.shared.connect_blocking(read_timeout)?,
+            };
+            self.count();
+            match self.xread_cmd(cursor, timeout).query::<Value>(&mut conn) {
+                Ok(_) => {
+                    let mut pool = self.shared.blocking_waiters.lock();
+                    if pool.len() < POOL {
+                        pool.push(conn);
+                    }
+                    return Ok(());
                 }
-                Ok(())
+                Err(e) if is_broken(&e) && !fresh && attempt == 0 => {}
+                Err(e) => return Err(self.wait_error(e)),
             }
-            Err(e) => Err(self.wait_error(e)),
         }
+        Err(CoordError::Unavailable {
+            reason: "no connection for the wait".into(),
+        })
     }
 
     fn wait(
@@ -601,32 +609,41 @@ impl Slot for RedisSlot {
         Box::pin(async move {
             let config = &self.shared.config;
             let timeout = timeout.min(config.max_wait);
-            let pooled = self.shared.nonblocking_waiters.lock().pop();
-            let mut conn = match pooled {
-                Some(conn) => conn,
-                None => {
-                    self.shared
-                        .connect_nonblocking(config.max_wait + config.io_timeout)
-                        .await?
-                }
-            };
-            self.count();
-            // Dropped here mid-wait, the connection goes with the future:
-            // a blocked connection never returns to the pool.
-            match self
-                .xread_cmd(&cursor, timeout)
-                .query_async::<Value>(&mut conn)
-                .await
-            {
-                Ok(_) => {
-                    let mut pool = self.shared.nonblocking_waiters.lock();
-                    if pool.len() < POOL {
-                        pool.push(conn);
+            // A pooled connection may have died since (a Redis restart):
+            // then once more on a fresh one.
+            for attempt in 0..2 {
+                let pooled = self.shared.nonblocking_waiters.lock().pop();
+                let fresh = pooled.is_none();
+                let mut conn = match pooled {
+                    Some(conn) => conn,
+                    None => {
+                        self.shared
+                            .connect_nonblocking(config.max_wait + config.io_timeout)
+                            .await?
                     }
-                    Ok(())
+                };
+                self.count();
+                // Dropped here mid-wait, the connection goes with the future:
+                // a blocked connection never returns to the pool.
+                match self
+                    .xread_cmd(&cursor, timeout)
+                    .query_async::<Value>(&mut conn)
+                    .await
+                {
+                    Ok(_) => {
+                        let mut pool = self.shared.nonblocking_waiters.lock();
+                        if pool.len() < POOL {
+                            pool.push(conn);
+                        }
+                        return Ok(());
+                    }
+                    Err(e) if is_broken(&e) && !fresh && attempt == 0 => {}
+                    Err(e) => return Err(self.wait_error(e)),
                 }
-                Err(e) => Err(self.wait_error(e)),
             }
+            Err(CoordError::Unavailable {
+                reason: "no connection for the wait".into(),
+            })
         })
     }
 
