@@ -15,7 +15,6 @@ mod server;
 mod common;
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use bytes::Bytes;
 use common::{Gate, Rt, until};
@@ -29,7 +28,6 @@ use tower::{Layer, ServiceExt};
 
 const TENANTS: usize = 3;
 const PER_TENANT: usize = 30;
-const WAIT: Duration = Duration::from_secs(30);
 
 /// A tenant is one session of the server.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
