@@ -342,6 +342,11 @@ where
     /// A blocking twin called from inside this key's own work panics (it
     /// would wait for itself forever).
     ///
+    /// # Errors
+    ///
+    /// The error of the flight this call led or joined: the same `E` (cloned)
+    /// for its leader and every follower.
+    ///
     /// # Examples
     ///
     /// ```

@@ -6,7 +6,8 @@
 //!
 //! Every scenario runs through three clients: reqwest with `AuthMiddleware`,
 //! hyper-util's client behind the tower `AuthLayer`, and ureq from 8 threads
-//! with `TokenManager::send_blocking`. Counts come from the server's own
+//! through `UreqAuthMiddleware`'s agent; the three tenants share one keyed
+//! manager, which picks each request's credential from its URL. Counts come from the server's own
 //! counters. Nothing is ordered by sleeping: the server expires tokens on
 //! request, holds the 401 answers it is told to hold and says when its
 //! counters reach a value; every wait fails loudly after a deadline.
@@ -15,16 +16,20 @@ mod common;
 #[path = "support/oauth_server.rs"]
 mod oauth_server;
 
+use std::collections::HashMap;
+use std::hash::Hash;
 use std::sync::Arc;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use epochflight::auth::oauth2::{
-    AuthType, OAuth2Error, OAuth2Token, ReqwestClient, Scope, UreqAgent,
+    AuthType, OAuth2Error, OAuth2Refresher, OAuth2Token, ReqwestClient, Scope, UreqAgent,
 };
-use epochflight::auth::{AuthError, AuthLayer, AuthMiddleware, AuthService, RefreshError};
-use epochflight::auth::{ServiceError, TokenManager};
+use epochflight::auth::{
+    AuthAgent, AuthError, AuthLayer, AuthMiddleware, AuthService, RefreshError,
+};
+use epochflight::auth::{ReplayBuffered, ServiceError, TokenManager, UreqAuthMiddleware};
 use http_body_util::Full;
 use hyper_util::client::legacy::Client as HyperClient;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -35,7 +40,7 @@ use tower::{Layer, ServiceExt};
 
 use common::with_timeout;
 
-type Manager = Arc<TokenManager<OAuth2Token, OAuth2Error>>;
+type Manager<K = ()> = Arc<TokenManager<OAuth2Token, OAuth2Error, K>>;
 type Hyper = HyperClient<HttpConnector, Full<Bytes>>;
 
 /// Threads of the blocking (ureq) client.
@@ -48,10 +53,8 @@ enum Kind {
     Reqwest,
     /// hyper-util's client behind `AuthLayer`, refresher over `ReqwestClient`.
     Tower,
-    /// ureq 3 from 8 threads with `send_blocking`, blocking refresher over
-    /// `UreqAgent`.
-    // TODO: once the `ureq` middleware lands (issue 13, the other half), send
-    // through it instead of `send_blocking`.
+    /// ureq 3 from 8 threads through `UreqAuthMiddleware`'s agent, blocking
+    /// refresher over `UreqAgent`.
     Ureq,
 }
 
@@ -70,18 +73,19 @@ impl Outcome {
     }
 }
 
-enum Api {
+enum Api<K = ()> {
     Reqwest(ClientWithMiddleware),
-    Tower(AuthService<Hyper, OAuth2Token, OAuth2Error>),
-    Ureq(ureq::Agent),
+    Tower(AuthService<Hyper, OAuth2Token, OAuth2Error, ReplayBuffered, K>),
+    Ureq(AuthAgent),
 }
 
-/// One client of one tenant: a manager signed in with the tenant's login,
-/// the HTTP client around it, and a runtime for the async ones.
-struct Subject {
+/// One client: a manager signed in with the logins of its tenants (one, or
+/// several through a keyed manager), the HTTP client around it, and a
+/// runtime for the async ones.
+struct Subject<K = ()> {
     kind: Kind,
-    manager: Manager,
-    api: Arc<Api>,
+    manager: Manager<K>,
+    api: Arc<Api<K>>,
     url: String,
     runtime: tokio::runtime::Runtime,
 }
@@ -109,14 +113,24 @@ fn token_client() -> ReqwestClient {
     ReqwestClient::new(client)
 }
 
-fn ureq_agent() -> ureq::Agent {
+fn ureq_config() -> ureq::config::ConfigBuilder<ureq::typestate::AgentScope> {
     ureq::Agent::config_builder()
-        // ureq 3 turns a 401 into `Err(StatusCode(401))`, which no
-        // `Unauthorized` impl can see: read statuses as responses.
+        // Statuses as responses: the middleware then classifies a 401 by
+        // its challenge (with ureq's default it sees every 401 alike).
         .http_status_as_error(false)
         .timeout_global(Some(WAIT))
-        .build()
-        .into()
+}
+
+fn ureq_agent() -> ureq::Agent {
+    ureq_config().build().into()
+}
+
+/// The tenant a request is for: its URL is `/api/<tenant>/resource`.
+fn tenant_of(path: &str) -> String {
+    let tenant = path
+        .strip_prefix("/api/")
+        .and_then(|rest| rest.split('/').next());
+    tenant.expect("a tenant's resource URL").to_string()
 }
 
 impl Subject {
@@ -149,7 +163,9 @@ impl Subject {
                 };
                 Api::Tower(AuthLayer::new(manager.clone()).layer(hyper))
             }
-            Kind::Ureq => Api::Ureq(ureq_agent()),
+            Kind::Ureq => {
+                Api::Ureq(UreqAuthMiddleware::new(manager.clone()).build_agent(ureq_config()))
+            }
         };
         Subject {
             kind,
@@ -159,7 +175,73 @@ impl Subject {
             runtime,
         }
     }
+}
 
+impl Subject<String> {
+    /// One keyed manager for `tenants` (the key is the tenant's name), and a
+    /// client that picks each request's credential from its URL.
+    fn keyed(kind: Kind, tenants: &[Tenant]) -> Subject<String> {
+        fn by_name<C>(
+            tenants: &[Tenant],
+            http: impl Fn() -> C,
+        ) -> Arc<HashMap<String, OAuth2Refresher<C>>> {
+            let refreshers = tenants
+                .iter()
+                .map(|t| (t.name.clone(), t.refresher(http())));
+            Arc::new(refreshers.collect())
+        }
+        let manager = Arc::new(match kind {
+            Kind::Reqwest | Kind::Tower => {
+                let refreshers = by_name(tenants, token_client);
+                TokenManager::keyed(move |tenant: String, stale: Option<OAuth2Token>| {
+                    let refreshers = refreshers.clone();
+                    async move { refreshers[&tenant].refresh(stale.as_ref()).await }
+                })
+            }
+            Kind::Ureq => {
+                let refreshers = by_name(tenants, || UreqAgent::new(ureq_agent()));
+                TokenManager::keyed_blocking(move |tenant: String, stale: Option<OAuth2Token>| {
+                    refreshers[&tenant].refresh_blocking(stale.as_ref())
+                })
+            }
+        });
+        for tenant in tenants {
+            manager.for_key(&tenant.name).sign_in(tenant.login());
+        }
+        let runtime = runtime();
+        let api = match kind {
+            Kind::Reqwest => Api::Reqwest(
+                reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
+                    .with(AuthMiddleware::keyed(manager.clone(), |request, _| {
+                        tenant_of(request.url().path())
+                    }))
+                    .build(),
+            ),
+            Kind::Tower => {
+                let hyper: Hyper = {
+                    let _entered = runtime.enter();
+                    HyperClient::builder(TokioExecutor::new()).build_http()
+                };
+                let select = |head: &http::request::Parts| tenant_of(head.uri.path());
+                Api::Tower(AuthLayer::keyed(manager.clone(), select).layer(hyper))
+            }
+            Kind::Ureq => {
+                let select = |head: &http::request::Parts| tenant_of(head.uri.path());
+                let middleware = UreqAuthMiddleware::keyed(manager.clone(), select);
+                Api::Ureq(middleware.build_agent(ureq_config()))
+            }
+        };
+        Subject {
+            kind,
+            manager,
+            api: Arc::new(api),
+            url: tenants[0].resource_url(),
+            runtime,
+        }
+    }
+}
+
+impl<K: Hash + Eq + Clone + Send + Sync + 'static> Subject<K> {
     /// How many of `n` requests are in flight at once.
     fn concurrency(&self, n: usize) -> usize {
         match self.kind {
@@ -171,20 +253,24 @@ impl Subject {
     /// Starts `n` requests to the tenant's resource: all at once for the
     /// async clients, spread over 8 threads for ureq.
     fn fire(&self, n: usize) -> Wave {
+        self.fire_at(&self.url, n)
+    }
+
+    /// Starts `n` requests to `url`.
+    fn fire_at(&self, url: &str, n: usize) -> Wave {
         match &*self.api {
             Api::Ureq(_) => {
                 let (done, results) = mpsc::channel();
                 let threads = self.concurrency(n);
                 for thread in 0..threads {
-                    let (api, manager, url) =
-                        (self.api.clone(), self.manager.clone(), self.url.clone());
+                    let (api, url) = (self.api.clone(), url.to_string());
                     let done = done.clone();
                     let mine = (thread..n).step_by(threads).count();
                     std::thread::spawn(move || {
                         let Api::Ureq(agent) = &*api else {
                             unreachable!()
                         };
-                        let outcomes = (0..mine).map(|_| ureq_get(agent, &manager, &url)).collect();
+                        let outcomes = (0..mine).map(|_| ureq_get(agent, &url)).collect();
                         let _ = done.send(outcomes);
                     });
                 }
@@ -193,7 +279,7 @@ impl Subject {
             Api::Reqwest(_) | Api::Tower(_) => Wave::Tasks(
                 (0..n)
                     .map(|_| {
-                        let (api, url) = (self.api.clone(), self.url.clone());
+                        let (api, url) = (self.api.clone(), url.to_string());
                         self.runtime
                             .spawn(async move { async_get(&api, &url).await })
                     })
@@ -233,7 +319,10 @@ impl Subject {
     }
 }
 
-async fn async_get(api: &Api, url: &str) -> Outcome {
+async fn async_get<K: Hash + Eq + Clone + Send + Sync + 'static>(
+    api: &Api<K>,
+    url: &str,
+) -> Outcome {
     match api {
         Api::Reqwest(client) => match client.get(url).send().await {
             Ok(response) => Outcome::Status(response.status().as_u16()),
@@ -259,19 +348,14 @@ async fn async_get(api: &Api, url: &str) -> Outcome {
     }
 }
 
-fn ureq_get(
-    agent: &ureq::Agent,
-    manager: &TokenManager<OAuth2Token, OAuth2Error>,
-    url: &str,
-) -> Outcome {
-    let sent = manager.send_blocking(|token| {
-        let bearer = format!("Bearer {}", token.access_token().secret());
-        agent.get(url).header("authorization", bearer).call()
-    });
-    match sent {
-        Ok(Ok(response)) => Outcome::Status(response.status().as_u16()),
-        Ok(Err(error)) => Outcome::Failed(error.to_string()),
-        Err(auth) => Outcome::Auth(auth),
+fn ureq_get(agent: &AuthAgent, url: &str) -> Outcome {
+    match agent.get(url).call() {
+        Ok(response) => Outcome::Status(response.status().as_u16()),
+        Err(ureq::Error::Other(error)) => match error.downcast::<AuthError<OAuth2Error>>() {
+            Ok(auth) => Outcome::Auth(*auth),
+            Err(other) => Outcome::Failed(other.to_string()),
+        },
+        Err(error) => Outcome::Failed(error.to_string()),
     }
 }
 
@@ -491,20 +575,22 @@ fn revoked_family(kind: Kind) {
     );
 }
 
-/// Three tenants, each with its own manager, storms on all three at once
-/// after each expiry: one refresh per tenant per expiry.
-// TODO: one keyed manager for the three tenants once it lands (issue 13,
-// the other half), instead of one manager per tenant.
+/// Three tenants through one keyed manager (a credential per tenant, picked
+/// per request from the URL), storms on all three at once after each expiry:
+/// one refresh per tenant per expiry.
 fn three_tenants(kind: Kind) {
     const ROUNDS: u64 = 2;
     let tenants: Vec<Tenant> = (1..=3)
         .map(|i| tenant(kind, &format!("tenant{i}"), LONG_LIVED))
         .collect();
-    let subjects: Vec<Subject> = tenants.iter().map(|t| Subject::new(kind, t)).collect();
+    let subject = Subject::keyed(kind, &tenants);
     for round in 1..=ROUNDS {
         tenants.iter().for_each(Tenant::expire_access_tokens);
-        let waves: Vec<Wave> = subjects.iter().map(|s| s.fire(60)).collect();
-        for (subject, wave) in subjects.iter().zip(waves) {
+        let waves: Vec<Wave> = tenants
+            .iter()
+            .map(|tenant| subject.fire_at(&tenant.resource_url(), 60))
+            .collect();
+        for wave in waves {
             assert_all_ok(kind, &subject.join(wave));
         }
         for tenant in &tenants {
@@ -515,6 +601,8 @@ fn three_tenants(kind: Kind) {
                 tenant.name
             );
             assert_eq!(c.family_revocations, 0, "{kind:?} {}: {c:?}", tenant.name);
+            let stats = subject.manager.for_key(&tenant.name).stats();
+            assert_eq!(stats.refresh_calls, round, "{kind:?} {}", tenant.name);
         }
     }
 }
