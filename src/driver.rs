@@ -108,36 +108,30 @@ where
         let Progress::Paused(work) = mem::replace(&mut self.progress, Progress::InUserCode) else {
             panic!("an epochflight call was polled after it completed or panicked");
         };
-        self.poll_taken(work, cx)
+        let polled = flight::driving(self.registry.address(), self.id, || poll(work, cx));
+        self.polled(polled)
     }
 
     /// Calls the caller's closure to make the work, and polls it a first
-    /// time. Both run marked as driving the flight: a call they make on the
-    /// same key is nested. (The fresh work is polled before it is stored:
-    /// reading it back right after storing it costs a stall.)
+    /// time. (The fresh work is polled before it is stored: reading it back
+    /// right after storing it costs a stall.)
     pub(crate) fn start(
         &mut self,
         make: impl FnOnce() -> Work<T, E>,
         cx: &mut Context<'_>,
     ) -> Poll<Finished<T, E>> {
         self.progress = Progress::InUserCode;
-        let work = flight::driving(self.registry.address(), self.id, make);
-        self.poll_taken(work, cx)
+        let polled = flight::driving(self.registry.address(), self.id, || poll(make(), cx));
+        self.polled(polled)
     }
 
-    fn poll_taken(&mut self, mut work: Work<T, E>, cx: &mut Context<'_>) -> Poll<Finished<T, E>> {
-        let map = self.registry.address();
-        match flight::driving(map, self.id, || work.poll(cx)) {
-            Poll::Pending => {
+    fn polled(&mut self, polled: Result<Result<T, E>, Work<T, E>>) -> Poll<Finished<T, E>> {
+        match polled {
+            Err(work) => {
                 self.progress = Progress::Paused(work);
                 Poll::Pending
             }
-            Poll::Ready(result) => {
-                // The finished future goes first, outside every lock, as the
-                // flight's work (a call its destructor makes is nested).
-                flight::driving(map, self.id, || drop(work));
-                Poll::Ready(self.finish(result))
-            }
+            Ok(result) => Poll::Ready(self.finish(result)),
         }
     }
 
@@ -159,6 +153,21 @@ where
         // and a panic in it (a clone made for this caller) reaches only it.
         self.progress = Progress::Finished;
         self.registry.complete(self.id, result)
+    }
+}
+
+/// One poll of `work`, as its driver makes it: the closure that made it,
+/// the poll, and the drop of the finished future all run marked as driving
+/// the flight (a call any of them makes on the same key is nested), and the
+/// finished future is dropped before any lock is taken. `Err` gives the work
+/// back: not finished yet.
+fn poll<T, E>(mut work: Work<T, E>, cx: &mut Context<'_>) -> Result<Result<T, E>, Work<T, E>> {
+    match work.poll(cx) {
+        Poll::Pending => Err(work),
+        Poll::Ready(result) => {
+            drop(work);
+            Ok(result)
+        }
     }
 }
 
