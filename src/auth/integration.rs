@@ -201,3 +201,36 @@ pub enum NotReplayedReason {
     /// with a new token, and that was refused too. Never a loop.
     AlreadyReplayed,
 }
+
+impl<R, X, E> super::retry::Exchanged<R, X, E>
+where
+    E: Send + Sync + 'static,
+{
+    /// The answer an HTTP integration returns, with what its caller should
+    /// know in the response's extensions: why it was not sent again
+    /// ([`NotReplayed`]) and the refresh's error, if that failed.
+    pub(super) fn into_answer(
+        self,
+        extensions: impl Fn(&mut R) -> &mut http::Extensions,
+    ) -> Result<R, X>
+    where
+        E: Clone,
+    {
+        use super::retry::Exchanged;
+        let (sent, reason, failed) = match self {
+            Exchanged::Answered(sent) => (sent, None, None),
+            Exchanged::RefusedTwice(sent) => (sent, Some(NotReplayedReason::AlreadyReplayed), None),
+            Exchanged::NotReplayable(sent, failed) => {
+                (sent, Some(NotReplayedReason::BodyNotReplayable), failed)
+            }
+        };
+        let mut response = sent?;
+        if let Some(failed) = failed {
+            extensions(&mut response).insert(failed);
+        }
+        if let Some(reason) = reason {
+            extensions(&mut response).insert(NotReplayed::new(reason));
+        }
+        Ok(response)
+    }
+}

@@ -18,11 +18,9 @@ use http_body_util::{Either, Empty, Full, StreamBody};
 use tower_layer::Layer;
 use tower_service::Service;
 
-use super::retry::{Attempt, Exchange, Exchanged, exchange};
+use super::retry::{Attempt, Exchange, exchange};
 use super::wait::Wait;
-use super::{
-    AuthError, Credential, NotReplayed, NotReplayedReason, SkipAuth, TokenManager, classify,
-};
+use super::{AuthError, Credential, SkipAuth, TokenManager, classify};
 
 type AttachFn<T> = dyn Fn(&T, &mut request::Parts) + Send + Sync;
 type ClassifyFn = dyn Fn(&response::Parts) -> bool + Send + Sync;
@@ -59,7 +57,7 @@ type SelectFn<K> = dyn Fn(&request::Parts) -> K + Send + Sync;
 ///   attached, and a copy of its body taken before the first attempt
 ///   ([`ReplayBody`]). A body that cannot be copied (a stream) is sent once:
 ///   its unauthorized response is returned as is, with
-///   [`NotReplayed`]`{ reason: `[`BodyNotReplayable`](NotReplayedReason::BodyNotReplayable)` }`
+///   [`NotReplayed`](super::NotReplayed)`{ reason: `[`BodyNotReplayable`](super::NotReplayedReason::BodyNotReplayable)` }`
 ///   in its extensions. The token is still refreshed first (if the one used
 ///   was current), so sending the request again with a new body uses the new
 ///   token; if that refresh failed, its [`AuthError`] is in the extensions
@@ -69,7 +67,7 @@ type SelectFn<K> = dyn Fn(&request::Parts) -> K + Send + Sync;
 ///   If your server acts first and checks the token afterwards, classify its
 ///   responses yourself.
 /// - An unauthorized response to the replay is returned with
-///   [`NotReplayed`]`{ reason: `[`AlreadyReplayed`](NotReplayedReason::AlreadyReplayed)` }`.
+///   [`NotReplayed`](super::NotReplayed)`{ reason: `[`AlreadyReplayed`](super::NotReplayedReason::AlreadyReplayed)` }`.
 ///
 /// # The refresher's own request
 ///
@@ -248,7 +246,7 @@ impl<T, E, R, K> AuthLayer<T, E, R, K> {
     /// Never replays: for any body type, including ones this crate cannot
     /// implement [`ReplayBody`] for (tonic's, hyper's `Incoming`, axum's).
     /// An unauthorized response is returned with
-    /// [`NotReplayed`]`{ reason: `[`BodyNotReplayable`](NotReplayedReason::BodyNotReplayable)` }`,
+    /// [`NotReplayed`](super::NotReplayed)`{ reason: `[`BodyNotReplayable`](super::NotReplayedReason::BodyNotReplayable)` }`,
     /// after the token was refreshed, so the caller's own retry uses the new
     /// token.
     ///
@@ -475,23 +473,10 @@ where
         replay,
     };
     let credential = config.manager.for_key(&key);
-    let (parts, reason) = match exchange(&credential, &mut request, Wait::Async).await? {
-        Exchanged::Answered(sent) => (sent, None),
-        Exchanged::RefusedTwice(sent) => (sent, Some(NotReplayedReason::AlreadyReplayed)),
-        Exchanged::NotReplayable(sent, failed) => {
-            let sent = sent.map(|(mut head, body)| {
-                if let Some(failed) = failed {
-                    head.extensions.insert(failed);
-                }
-                (head, body)
-            });
-            (sent, Some(NotReplayedReason::BodyNotReplayable))
-        }
-    };
-    let (mut head, body) = parts.map_err(ServiceError::Service)?;
-    if let Some(reason) = reason {
-        head.extensions.insert(NotReplayed::new(reason));
-    }
+    let exchanged = exchange(&credential, &mut request, Wait::Async).await?;
+    let (head, body) = exchanged
+        .into_answer(|(head, _)| &mut head.extensions)
+        .map_err(ServiceError::Service)?;
     Ok(Response::from_parts(head, body))
 }
 
@@ -688,7 +673,7 @@ impl<B, F: Fn(&B) -> Option<B>> Replay<B> for ReplayWith<F> {
 /// `Vec<u8>`, [`Bytes`], `&'static str`, `&'static [u8]`, `Cow<'static, _>`,
 /// `()`, and [`Either`] of two such), and, returning `None`, for streaming
 /// ones ([`StreamBody`], [`BoxBody`], [`UnsyncBoxBody`]). A request whose
-/// body returns `None` is sent once; see [`NotReplayed`].
+/// body returns `None` is sent once; see [`NotReplayed`](super::NotReplayed).
 ///
 /// Implement it for your own body type. For a foreign body type you cannot
 /// implement it for (hyper's `Incoming`, say), box the body

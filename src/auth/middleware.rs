@@ -10,11 +10,9 @@ use http::Extensions;
 use reqwest::{Request, Response};
 use reqwest_middleware::{Middleware, Next};
 
-use super::retry::{Attempt, Exchange, Exchanged, exchange};
+use super::retry::{Attempt, Exchange, exchange};
 use super::wait::Wait;
-use super::{
-    Credential, NotReplayed, NotReplayedReason, SkipAuth, TokenManager, Unauthorized, classify,
-};
+use super::{Credential, SkipAuth, TokenManager, Unauthorized, classify};
 
 type AttachFn<T> = dyn Fn(&T, &mut Request) + Send + Sync;
 type ClassifyFn = dyn Fn(&Response) -> bool + Send + Sync;
@@ -53,7 +51,7 @@ type SelectFn<K> = dyn Fn(&Request, &Extensions) -> K + Send + Sync;
 /// - The request is copied with [`Request::try_clone`] before the token is
 ///   attached. A request whose body is a stream cannot be copied: it is sent
 ///   once, and its unauthorized response is returned as is, with
-///   [`NotReplayed`]`{ reason: `[`BodyNotReplayable`](NotReplayedReason::BodyNotReplayable)` }`
+///   [`NotReplayed`](super::NotReplayed)`{ reason: `[`BodyNotReplayable`](super::NotReplayedReason::BodyNotReplayable)` }`
 ///   in [`Response::extensions`]. The token is still refreshed first (if the
 ///   one used was current), so sending it again with a new body uses the new
 ///   token; if that refresh failed, its [`AuthError`](super::AuthError) is
@@ -63,7 +61,7 @@ type SelectFn<K> = dyn Fn(&Request, &Extensions) -> K + Send + Sync;
 ///   If your server acts first and checks the token afterwards, classify its
 ///   responses yourself.
 /// - An unauthorized response to the replay is returned with
-///   [`NotReplayed`]`{ reason: `[`AlreadyReplayed`](NotReplayedReason::AlreadyReplayed)` }`.
+///   [`NotReplayed`](super::NotReplayed)`{ reason: `[`AlreadyReplayed`](super::NotReplayedReason::AlreadyReplayed)` }`.
 ///
 /// # The refresher's own request
 ///
@@ -340,27 +338,10 @@ where
             replay,
         };
         let credential = self.manager.for_key(&key);
-        let sent = exchange(&credential, &mut request, Wait::Async)
+        exchange(&credential, &mut request, Wait::Async)
             .await
-            .map_err(reqwest_middleware::Error::middleware)?;
-        let (sent, reason) = match sent {
-            Exchanged::Answered(sent) => (sent, None),
-            Exchanged::RefusedTwice(sent) => (sent, Some(NotReplayedReason::AlreadyReplayed)),
-            Exchanged::NotReplayable(sent, failed) => {
-                let sent = sent.map(|mut response| {
-                    if let Some(failed) = failed {
-                        response.extensions_mut().insert(failed);
-                    }
-                    response
-                });
-                (sent, Some(NotReplayedReason::BodyNotReplayable))
-            }
-        };
-        let mut response = sent?;
-        if let Some(reason) = reason {
-            response.extensions_mut().insert(NotReplayed::new(reason));
-        }
-        Ok(response)
+            .map_err(reqwest_middleware::Error::middleware)?
+            .into_answer(reqwest::Response::extensions_mut)
     }
 }
 

@@ -20,9 +20,9 @@ use ureq::middleware::{Middleware, MiddlewareNext};
 use ureq::typestate::AgentScope;
 use ureq::{Agent, Body, SendBody};
 
-use super::retry::{Attempt, Exchange, Exchanged, exchange};
+use super::retry::{Attempt, Exchange, exchange};
 use super::wait::{self, Wait};
-use super::{Credential, NotReplayed, NotReplayedReason, SkipAuth, TokenManager, classify};
+use super::{Credential, SkipAuth, TokenManager, classify};
 use crate::sync::StdArc as Arc;
 
 type Response = http::Response<Body>;
@@ -66,7 +66,7 @@ pub const DEFAULT_REPLAY_LIMIT: usize = 1 << 20;
 /// `ureq::Error::StatusCode(401)` and its headers are lost.** Every such
 /// error counts as unauthorized, including a `401` with `insufficient_scope`
 /// that a new token will not fix (it is then refreshed and replayed once in
-/// vain), and the answer can carry no [`NotReplayed`] note. Turn it off
+/// vain), and the answer can carry no [`NotReplayed`](super::NotReplayed) note. Turn it off
 /// (`.http_status_as_error(false)` on the config) to classify `401`s by
 /// their `WWW-Authenticate` challenge ([`classify`], or
 /// [`with_classifier`](Self::with_classifier)) and to find the notes in the
@@ -79,7 +79,7 @@ pub const DEFAULT_REPLAY_LIMIT: usize = 1 << 20;
 /// from there (with a `Content-Length`), and sent again for a replay. A
 /// longer body is streamed (chunked), once: its unauthorized answer is
 /// returned as is, with
-/// [`NotReplayed`]`{ reason: `[`BodyNotReplayable`](NotReplayedReason::BodyNotReplayable)` }`
+/// [`NotReplayed`](super::NotReplayed)`{ reason: `[`BodyNotReplayable`](super::NotReplayedReason::BodyNotReplayable)` }`
 /// after the token was refreshed. Non-idempotent methods are replayed too (a
 /// server that answers `401` did not act).
 ///
@@ -327,7 +327,7 @@ impl<T, E, K> fmt::Debug for UreqAuthMiddleware<T, E, K> {
 /// middleware replays through it, and a clone of the inner `ureq::Agent`
 /// alone does not keep it (a request sent once the last `AuthAgent` is gone
 /// is not replayed; its unauthorized answer comes back with
-/// [`NotReplayed`]).
+/// [`NotReplayed`](super::NotReplayed)).
 ///
 /// Available with the `ureq` feature.
 #[cfg_attr(docsrs, doc(cfg(feature = "ureq")))]
@@ -390,26 +390,9 @@ where
             body,
         };
         let credential = config.manager.for_key(&key);
-        let sent = wait::blocking(exchange(&credential, &mut attempts, Wait::Blocking))
-            .map_err(|error| ureq::Error::Other(Box::new(error)))?;
-        let (sent, reason) = match sent {
-            Exchanged::Answered(sent) => (sent, None),
-            Exchanged::RefusedTwice(sent) => (sent, Some(NotReplayedReason::AlreadyReplayed)),
-            Exchanged::NotReplayable(sent, failed) => {
-                let sent = sent.map(|mut response| {
-                    if let Some(failed) = failed {
-                        response.extensions_mut().insert(failed);
-                    }
-                    response
-                });
-                (sent, Some(NotReplayedReason::BodyNotReplayable))
-            }
-        };
-        let mut response = sent?;
-        if let Some(reason) = reason {
-            response.extensions_mut().insert(NotReplayed::new(reason));
-        }
-        Ok(response)
+        wait::blocking(exchange(&credential, &mut attempts, Wait::Blocking))
+            .map_err(|error| ureq::Error::Other(Box::new(error)))?
+            .into_answer(http::Response::extensions_mut)
     }
 }
 
