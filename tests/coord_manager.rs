@@ -10,6 +10,8 @@
 // The features under test need Rust 1.89 (`file-coordination`), as this does.
 #![allow(clippy::incompatible_msrv)]
 
+#[path = "support/child_proc.rs"]
+mod child_proc;
 mod common;
 #[path = "support/manager_child.rs"]
 mod manager_child;

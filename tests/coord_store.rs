@@ -6,6 +6,8 @@
 // The features under test need Rust 1.89 (`file-coordination`), as this does.
 #![allow(clippy::incompatible_msrv)]
 
+#[path = "support/child_proc.rs"]
+mod child_proc;
 #[path = "support/coord_child.rs"]
 mod coord_child;
 #[path = "support/redis_server.rs"]

@@ -15,12 +15,11 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::io::{BufRead, Read, Write};
 use std::sync::Arc;
-use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
 use std::time::{Duration, Instant};
 
+use crate::child_proc::ANSWER_TIMEOUT;
 use epochflight::auth::coord::{
     CodecError, CoordConfig, CoordError, Coordinator, FileStore, RedisConfig, RedisStore,
     SharedCredential, TokenCodec,
@@ -98,21 +97,13 @@ pub struct ChildConfig {
 }
 
 /// A running child.
-pub struct ChildProc {
-    pub mode: Mode,
-    child: Child,
-    stdin: ChildStdin,
-    lines: Receiver<String>,
-}
-
-/// How long a child may take to answer one command.
-pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(40);
+pub type ChildProc = crate::child_proc::ChildProc<Mode>;
 
 impl ChildProc {
     /// Starts the test binary's `entry` test as a child.
     pub fn spawn(entry: &str, config: &ChildConfig, mode: Mode) -> ChildProc {
-        let mut child = Command::new(std::env::current_exe().expect("test binary"))
-            .args([entry, "--exact", "--nocapture", "--test-threads=1"])
+        let mut command = ChildProc::command(entry);
+        command
             .env("EPOCHFLIGHT_MGR_SERVER", &config.server)
             .env("EPOCHFLIGHT_MGR_STORE", &config.store)
             .env("EPOCHFLIGHT_MGR_NAME", &config.name)
@@ -132,82 +123,13 @@ impl ChildProc {
                 "EPOCHFLIGHT_MGR_COOLDOWN_MS",
                 config.cooldown.as_millis().to_string(),
             )
-            .env("EPOCHFLIGHT_MGR_MODE", mode.as_str())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn child");
-        let stdout = child.stdout.take().expect("stdout");
-        let stdin = child.stdin.take().expect("stdin");
-        let (tx, lines) = channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                // libtest may have started the line ("test name ... ").
-                if let Some(at) = line.find("@@ ") {
-                    if tx.send(line[at + 3..].to_owned()).is_err() {
-                        break;
-                    }
-                }
-            }
-        });
-        let mut proc = ChildProc {
-            mode,
-            child,
-            stdin,
-            lines,
-        };
-        assert_eq!(proc.recv(), "ready", "child did not start");
-        proc
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Sends one command (without waiting for the answer).
-    pub fn send(&mut self, command: &str) {
-        writeln!(self.stdin, "{command}").expect("write to child");
-        self.stdin.flush().expect("flush child stdin");
-    }
-
-    /// The next answer; panics if none comes within [`ANSWER_TIMEOUT`].
-    pub fn recv(&mut self) -> String {
-        match self.lines.recv_timeout(ANSWER_TIMEOUT) {
-            Ok(line) => line,
-            Err(RecvTimeoutError::Timeout) => panic!(
-                "child {} ({:?}) did not answer in {ANSWER_TIMEOUT:?}",
-                self.pid(),
-                self.mode
-            ),
-            Err(RecvTimeoutError::Disconnected) => {
-                panic!("child {} ({:?}) exited", self.pid(), self.mode)
-            }
-        }
-    }
-
-    /// Sends `command` and returns its answer.
-    pub fn ask(&mut self, command: &str) -> String {
-        self.send(command);
-        self.recv()
+            .env("EPOCHFLIGHT_MGR_MODE", mode.as_str());
+        ChildProc::start(command, mode)
     }
 
     /// `stats`, parsed.
     pub fn stats(&mut self) -> Stats {
         Stats::parse(&self.ask("stats"))
-    }
-
-    /// SIGKILL, and reap.
-    pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for ChildProc {
-    fn drop(&mut self) {
-        self.kill();
     }
 }
 
