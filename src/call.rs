@@ -33,6 +33,7 @@ pub(crate) enum CallState<'a, K, T, E, S> {
 }
 
 impl<'a, K, T, E, S> CallState<'a, K, T, E, S> {
+    #[inline]
     pub(crate) fn new(
         registry: &'a StdArc<Registry<K, T, E, S>>,
         entered: Entered<T, E>,

@@ -91,6 +91,7 @@ impl<K, T> ReadCache<K, T> {
     /// Answers from this thread's slot if it holds `key` at the current
     /// version (`answer` runs under the slot's lock); else records the miss.
     /// `hash` is called only on a miss.
+    #[inline(always)]
     pub(crate) fn read<Q, R>(
         &self,
         key: &Q,
@@ -108,11 +109,7 @@ impl<K, T> ReadCache<K, T> {
                 return Ok(answer(entry));
             }
         }
-        let hash = hash();
-        let same_key = slot.entry.as_ref().is_some_and(|e| e.key.hash == hash);
-        let fill = same_key || slot.last_miss == hash;
-        slot.last_miss = hash;
-        Err(Miss { hash, fill })
+        Err(missed(&mut slot, hash))
     }
 
     /// Fills this thread's slot with what the map said about `key` at
@@ -153,6 +150,16 @@ impl<K, T> ReadCache<K, T> {
             drop(removed);
         }
     }
+}
+
+/// Records a miss in `slot` (out of line: the hit is the path to keep short).
+#[inline(never)]
+fn missed<K, T>(slot: &mut Slot<K, T>, hash: impl FnOnce() -> u32) -> Miss {
+    let hash = hash();
+    let same_key = slot.entry.as_ref().is_some_and(|e| e.key.hash == hash);
+    let fill = same_key || slot.last_miss == hash;
+    slot.last_miss = hash;
+    Miss { hash, fill }
 }
 
 /// One slot per reader number (modulo).
@@ -210,6 +217,7 @@ impl<K, T> Slots<K, T> {
     }
 
     /// This thread's slot.
+    #[inline]
     fn mine(&self) -> &Mutex<Slot<K, T>> {
         let all = self.all();
         // `read_slots` is a power of two.

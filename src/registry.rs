@@ -315,23 +315,41 @@ where
 
     /// Registers a caller: reuse, lead or join. Runs no user code but the
     /// hasher (before locking, and only if this thread's read slot does not
-    /// answer), `K::eq`, `K::clone` (a new key) and `T::clone`.
+    /// answer), `K::eq`, `K::clone` (a new key) and `T::clone`. The read
+    /// slot's answer is inline; the map's is not.
+    #[inline(always)]
     pub(crate) fn enter(&self, key: K, mode: Mode, kind: WaitKind) -> Entered<T, E> {
+        if mode == Mode::Run {
+            return self.enter_map(key, mode, kind, None, false);
+        }
         let mut hashed = None;
-        let mut fill = false;
-        if mode != Mode::Run {
-            let hash = || *hashed.insert(self.hash(&key));
-            let cached = self.reads.read(&key, hash, |cached| {
+        let cached = self.reads.read(
+            &key,
+            || *hashed.insert(self.hash(&key)),
+            |cached| {
                 let stored = cached.value.as_ref()?;
                 mode.reuses(stored, cached.in_flight)
                     .then(|| stored.versioned())
-            });
-            match cached {
-                Ok(Some(stored)) => return Entered::Reused(stored),
-                Ok(None) => {}
-                Err(miss) => fill = miss.fill,
-            }
+            },
+        );
+        match cached {
+            Ok(Some(stored)) => Entered::Reused(stored),
+            Ok(None) => self.enter_map(key, mode, kind, hashed, false),
+            Err(miss) => self.enter_map(key, mode, kind, Some(miss.hash), miss.fill),
         }
+    }
+
+    /// [`enter`](Self::enter) through the map: `hashed` is the key's hash if
+    /// known; `fill` fills this thread's read slot with a reused value.
+    #[inline(never)]
+    fn enter_map(
+        &self,
+        key: K,
+        mode: Mode,
+        kind: WaitKind,
+        hashed: Option<u32>,
+        fill: bool,
+    ) -> Entered<T, E> {
         let key = Hashed {
             hash: hashed.unwrap_or_else(|| self.hash(&key)),
             key,

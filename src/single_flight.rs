@@ -299,6 +299,7 @@ where
     E: Clone + 'static,
     S: BuildHasher,
 {
+    #[inline]
     fn call(&self, key: K, mode: Mode, kind: WaitKind) -> CallState<'_, K, T, E, S> {
         CallState::new(&self.registry, self.registry.enter(key, mode, kind), mode)
     }

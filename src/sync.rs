@@ -60,20 +60,25 @@ pub(crate) use std::sync::Arc as StdArc;
 /// slots (see `read_cache.rs`). Under loom every thread is reader 0: one
 /// shared slot is the case with the most interleavings.
 #[cfg(not(loom))]
+#[inline]
 pub(crate) fn reader_number() -> usize {
     use std::cell::Cell;
-    use std::sync::atomic::AtomicUsize;
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
     // Const-initialised (one plain load on every read); numbered on first use.
     thread_local!(static NUMBER: Cell<usize> = const { Cell::new(usize::MAX) });
     NUMBER.with(|number| match number.get() {
-        usize::MAX => {
-            let next = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % (usize::MAX - 1);
-            number.set(next);
-            next
-        }
+        usize::MAX => number_this_thread(number),
         assigned => assigned,
     })
+}
+
+#[cfg(not(loom))]
+#[cold]
+fn number_this_thread(number: &std::cell::Cell<usize>) -> usize {
+    use std::sync::atomic::AtomicUsize;
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let next = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % (usize::MAX - 1);
+    number.set(next);
+    next
 }
 
 #[cfg(loom)]
