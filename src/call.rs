@@ -11,7 +11,7 @@ use std::task::{Context, Poll, ready};
 
 use crate::block_on::block_on;
 use crate::driver::Driver;
-use crate::epoch::{Outcome, Role, Versioned};
+use crate::epoch::{Outcome, Role, Stamp, Versioned};
 use crate::flight::Finished;
 use crate::follower::{Followed, Follower};
 use crate::registry::{Entered, Mode, Registry};
@@ -76,15 +76,21 @@ where
                 return Poll::Ready(Ok(reused(stored)));
             }
         }
-        self.poll_flight(make, cx)
+        // The result comes back in registers (no tag, no padding) and the
+        // role beside it; the `Outcome` is built here, in the caller's poll.
+        let mut role = Role::Led;
+        let finished = ready!(self.poll_flight(make, cx, &mut role));
+        Poll::Ready(with_role(finished, role))
     }
 
+    /// Every state but a reuse answered at call time; sets `role` when ready.
     #[inline(never)]
     fn poll_flight<W: MakeWork<T, E>>(
         &mut self,
         make: &mut Option<W>,
         cx: &mut Context<'_>,
-    ) -> Poll<Result<Outcome<T>, E>> {
+        role: &mut Role,
+    ) -> Poll<Finished<T, E>> {
         loop {
             // Every state is polled in place. After a panic in user code the
             // driver stays here until the future is dropped: its drop knows
@@ -99,18 +105,20 @@ where
                     } else {
                         ready!(driver.poll_work(cx))
                     };
-                    let role = driver.role();
+                    *role = driver.role();
                     *self = CallState::Done;
-                    return Poll::Ready(with_role(finished, role));
+                    return Poll::Ready(finished);
                 }
                 CallState::Following(follower) => match ready!(follower.poll(cx)) {
                     Followed::Done(result) => {
                         *self = CallState::Done;
-                        return Poll::Ready(with_role(result, Role::Joined));
+                        *role = Role::Joined;
+                        return Poll::Ready(result);
                     }
                     Followed::Reused(stored) => {
                         *self = CallState::Done;
-                        return Poll::Ready(Ok(reused(stored)));
+                        *role = Role::Reused;
+                        return Poll::Ready(Ok((stored.value, Stamp::from(stored.epoch))));
                     }
                     // A promoted driver's work is made on the next turn.
                     Followed::Drive(driver) => *self = CallState::Driving(driver),

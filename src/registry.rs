@@ -320,7 +320,14 @@ where
     #[inline(always)]
     pub(crate) fn enter(&self, key: K, mode: Mode, kind: WaitKind) -> Entered<T, E> {
         if mode == Mode::Run {
-            return self.enter_map(key, mode, kind, None, false);
+            return match self.enter_run(key, kind) {
+                (id, None) => Entered::Lead(id),
+                (id, Some(flight)) => {
+                    // As `enter_locked` decided (a blocking self-join panicked there).
+                    let nested = flight::is_driving(self.address(), id);
+                    Entered::Join(id, flight, if nested { WaitKind::Nested } else { kind })
+                }
+            };
         }
         let mut hashed = None;
         let cached = self.reads.read(
@@ -339,10 +346,36 @@ where
         }
     }
 
-    /// [`enter`](Self::enter) through the map: `hashed` is the key's hash if
-    /// known; `fill` fills this thread's read slot with a reused value.
+    /// [`enter`](Self::enter) for a `run`: the flight it leads, or the one
+    /// it joins. Sixteen bytes, returned in registers: an `Entered` returned
+    /// through memory is read back with loads wider than its stores.
+    #[inline(never)]
+    fn enter_run(&self, key: K, kind: WaitKind) -> (FlightId, Option<Arc<Flight<T, E>>>) {
+        match self.enter_locked(key, Mode::Run, kind, None, false) {
+            Entered::Lead(id) => (id, None),
+            Entered::Join(id, flight, _) => (id, Some(flight)),
+            Entered::Reused(_) => unreachable!("`run` reuses no stored value"),
+        }
+    }
+
+    /// [`enter`](Self::enter) through the map, for a call a stored value may
+    /// answer.
     #[inline(never)]
     fn enter_map(
+        &self,
+        key: K,
+        mode: Mode,
+        kind: WaitKind,
+        hashed: Option<u32>,
+        fill: bool,
+    ) -> Entered<T, E> {
+        self.enter_locked(key, mode, kind, hashed, fill)
+    }
+
+    /// Registers a caller with the map: `hashed` is the key's hash if known;
+    /// `fill` fills this thread's read slot with a reused value.
+    #[inline(always)]
+    fn enter_locked(
         &self,
         key: K,
         mode: Mode,
