@@ -66,6 +66,7 @@ pub(crate) struct Stamp(NonZeroU64);
 
 impl Stamp {
     /// The epoch numbered `n`, which is not 0.
+    #[inline]
     pub(crate) fn issued(n: u64) -> Self {
         Stamp(NonZeroU64::new(n).expect("issued epochs start at 1"))
     }

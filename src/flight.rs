@@ -314,9 +314,11 @@ thread_local!(static DRIVING: Cell<(usize, FlightId)> = Cell::new((0, 0)));
 /// Runs `poll` (a poll of flight `id`'s work, in the map at address `map`)
 /// marked as driving it, so that a call made inside on the same key is known
 /// to be nested (see the states above).
+#[inline]
 pub(crate) fn driving<R>(map: usize, id: FlightId, poll: impl FnOnce() -> R) -> R {
     struct Restore((usize, FlightId));
     impl Drop for Restore {
+        #[inline]
         fn drop(&mut self) {
             DRIVING.with(|driving| driving.set(self.0));
         }
@@ -327,6 +329,7 @@ pub(crate) fn driving<R>(map: usize, id: FlightId, poll: impl FnOnce() -> R) -> 
 
 /// Whether this thread is polling the work of flight `id` in the map at
 /// address `map`.
+#[inline]
 pub(crate) fn is_driving(map: usize, id: FlightId) -> bool {
     DRIVING.with(|driving| driving.get() == (map, id))
 }

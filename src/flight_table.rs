@@ -38,6 +38,7 @@ pub(crate) struct Removed<K, T, E> {
 }
 
 /// A flight's place as a key's entry marks it: one more than its id.
+#[inline]
 pub(crate) fn mark(id: FlightId) -> NonZeroU32 {
     u32::try_from(id + 1)
         .ok()
@@ -46,6 +47,7 @@ pub(crate) fn mark(id: FlightId) -> NonZeroU32 {
 }
 
 /// The flight a key's entry marks.
+#[inline]
 pub(crate) fn marked(mark: NonZeroU32) -> FlightId {
     mark.get() as usize - 1
 }
@@ -78,6 +80,7 @@ impl<K, T, E> FlightTable<K, T, E> {
     }
 
     /// The flight at `id`, which is in the table.
+    #[inline]
     pub(crate) fn get(&self, id: FlightId) -> &InFlight<K, T, E> {
         let flight = &self.places[id];
         debug_assert!(
@@ -87,6 +90,7 @@ impl<K, T, E> FlightTable<K, T, E> {
         flight
     }
 
+    #[inline]
     pub(crate) fn get_mut(&mut self, id: FlightId) -> &mut InFlight<K, T, E> {
         let flight = &mut self.places[id];
         debug_assert!(
@@ -98,6 +102,7 @@ impl<K, T, E> FlightTable<K, T, E> {
 
     /// Adds an attached flight for `key`. Its fields are written in place: a
     /// flight built aside and moved in costs a stall on the uncontended path.
+    #[inline]
     pub(crate) fn lead(&mut self, key: Hashed<K>) -> FlightId {
         match self.free.pop() {
             Some(id) => {
@@ -118,6 +123,7 @@ impl<K, T, E> FlightTable<K, T, E> {
     }
 
     /// Takes flight `id` out of the table; the caller drops it once unlocked.
+    #[inline]
     pub(crate) fn remove(&mut self, id: FlightId) -> Removed<K, T, E> {
         let place = &mut self.places[id];
         let key = place.key.take().expect("a flight leaves the table once");
