@@ -34,7 +34,7 @@ pub(crate) struct Removed<K, T, E> {
     pub(crate) key: Hashed<K>,
     pub(crate) attached: bool,
     /// Kept only to be dropped once unlocked.
-    _shared: Option<Arc<Flight<T, E>>>,
+    pub(crate) shared: Option<Arc<Flight<T, E>>>,
 }
 
 /// A flight's place as a key's entry marks it: one more than its id.
@@ -132,7 +132,7 @@ impl<K, T, E> FlightTable<K, T, E> {
         Removed {
             key,
             attached: place.attached,
-            _shared: shared,
+            shared,
         }
     }
 }

@@ -27,7 +27,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
 
 use crate::epoch::{Epoch, Stamp, Stamped, Versioned};
 use crate::flight::{self, Finished, Flight, FlightId, Unattended, WaitKind};
-use crate::flight_table::{FlightTable, mark, marked};
+use crate::flight_table::{FlightTable, Removed, mark, marked};
 use crate::hashed::{BuildPassThrough, ByMark, Entry, Hashed, Probe, fold, lookup};
 use crate::read_cache::{Cached, ReadCache};
 use crate::spawner::Spawner;
@@ -595,10 +595,16 @@ where
             return self.complete_followed(map, id, stamp, result);
         }
         // Nobody follows: the original is stored, the driver's copy cloned last.
-        let flight = map.flights.remove(id);
-        let (hash, mut replaced) = (flight.key.hash, None);
+        // Taken apart at once: moved whole later, it would be read back with
+        // loads wider than the stores that wrote it.
+        let Removed {
+            key,
+            attached,
+            shared,
+        } = map.flights.remove(id);
+        let (hash, mut replaced) = (key.hash, None);
         let own = match result {
-            Ok(value) if flight.attached => {
+            Ok(value) if attached => {
                 self.reads.changed();
                 let entry = entry_marking(&map.entries, hash, id);
                 entry.flight.set(None);
@@ -606,7 +612,7 @@ where
                 Ok(entry.value(|stored| stored.expect("just stored").value.clone()))
             }
             unstored => {
-                if flight.attached {
+                if attached {
                     self.reads.changed();
                     unmark_entry(&mut map.entries, hash, id);
                 }
@@ -615,7 +621,8 @@ where
         };
         drop(map);
         drop(replaced);
-        drop(flight);
+        drop(key);
+        drop(shared);
         own.map(|value| (value, stamp))
     }
 
