@@ -125,13 +125,17 @@ where
         self.polled(polled)
     }
 
-    fn polled(&mut self, polled: Result<Result<T, E>, Work<T, E>>) -> Poll<Finished<T, E>> {
+    fn polled(&mut self, polled: Polled<T, E>) -> Poll<Finished<T, E>> {
         match polled {
-            Err(work) => {
+            Polled::Pending(work) => {
                 self.progress = Progress::Paused(work);
                 Poll::Pending
             }
-            Ok(result) => Poll::Ready(self.finish(result)),
+            Polled::Ready(result, emptied) => {
+                let finished = self.finish(result);
+                drop(emptied);
+                Poll::Ready(finished)
+            }
         }
     }
 
@@ -159,16 +163,36 @@ where
 /// One poll of `work`, as its driver makes it: the closure that made it,
 /// the poll, and the drop of the finished future all run marked as driving
 /// the flight (a call any of them makes on the same key is nested), and the
-/// finished future is dropped before any lock is taken. `Err` gives the work
-/// back: not finished yet.
-fn poll<T, E>(mut work: Work<T, E>, cx: &mut Context<'_>) -> Result<Result<T, E>, Work<T, E>> {
-    match work.poll(cx) {
-        Poll::Pending => Err(work),
-        Poll::Ready(result) => {
-            drop(work);
-            Ok(result)
-        }
+/// finished future is dropped before any lock is taken (its box is freed
+/// once the result is published; see `work.rs`).
+fn poll<T, E>(work: Work<T, E>, cx: &mut Context<'_>) -> Polled<T, E> {
+    // Taken apart first: the box stays in registers (a `Work` kept in memory
+    // is written a word at a time, then copied whole when it moves on: a
+    // failed store forward).
+    match work {
+        Work::ReturnsValue(mut future) => match future.as_mut().poll(cx) {
+            Poll::Pending => Polled::Pending(Work::ReturnsValue(future)),
+            Poll::Ready(value) => {
+                future.as_mut().clear();
+                Polled::Ready(Ok(value), Work::ReturnsValue(future))
+            }
+        },
+        Work::ReturnsResult(mut future) => match future.as_mut().poll(cx) {
+            Poll::Pending => Polled::Pending(Work::ReturnsResult(future)),
+            Poll::Ready(result) => {
+                future.as_mut().clear();
+                Polled::Ready(result, Work::ReturnsResult(future))
+            }
+        },
     }
+}
+
+/// What a poll of the work gave.
+enum Polled<T, E> {
+    /// Not finished: the work, to poll again.
+    Pending(Work<T, E>),
+    /// Its result, and its box with the future dropped.
+    Ready(Result<T, E>, Work<T, E>),
 }
 
 impl<K, T, E, S> Drop for Driver<'_, K, T, E, S> {

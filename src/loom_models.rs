@@ -21,7 +21,7 @@ use crate::wakers::Registration;
 use crate::work::Work;
 
 fn work() -> Work<u32, ()> {
-    Work::ReturnsValue(Box::pin(async { 7 }))
+    Work::ReturnsValue(Box::pin(Some(async { 7 })))
 }
 
 /// A follower's life: looks until it is done, parked (by loom's

@@ -1,6 +1,12 @@
 //! A flight's user work, boxed so that a driver that stops can hand it,
 //! already started, to a follower or to the spawner: a polled future cannot
 //! move.
+//!
+//! The future sits in an `Option` in its box, so that a finished one is
+//! dropped in place (its destructor runs before its key is freed, I5) and
+//! the box freed later, once the flight is published: freeing it at once
+//! reads back the word the future's last poll just wrote (the allocator
+//! checks it), a stall on every flight.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -10,18 +16,33 @@ use std::task::{Context, Poll};
 /// The future a flight's driver polls.
 pub(crate) enum Work<T, E> {
     /// From a fallible call (`try_*`).
-    ReturnsResult(Pin<Box<dyn Future<Output = Result<T, E>> + Send>>),
+    ReturnsResult(Pin<Box<dyn Runnable<Result<T, E>>>>),
     /// From an infallible call: the user's future boxed as it is, with no
     /// adapter future around it (one state machine less per flight).
-    ReturnsValue(Pin<Box<dyn Future<Output = T> + Send>>),
+    ReturnsValue(Pin<Box<dyn Runnable<T>>>),
 }
 
-impl<T, E> Work<T, E> {
-    pub(crate) fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Result<T, E>> {
-        match self {
-            Work::ReturnsResult(work) => work.as_mut().poll(cx),
-            Work::ReturnsValue(work) => work.as_mut().poll(cx).map(Ok),
-        }
+/// A user's future in a place it can be dropped from early: `Option<Fut>`.
+pub(crate) trait Runnable<O>: Send {
+    /// Polls the future.
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<O>;
+    /// Drops the future, keeping its place.
+    fn clear(self: Pin<&mut Self>);
+}
+
+impl<Fut> Runnable<Fut::Output> for Option<Fut>
+where
+    Fut: Future + Send,
+{
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Fut::Output> {
+        let future = self.as_pin_mut();
+        future
+            .expect("a flight's work is polled until it finishes, not after")
+            .poll(cx)
+    }
+
+    fn clear(mut self: Pin<&mut Self>) {
+        self.set(None);
     }
 }
 
@@ -42,7 +63,7 @@ where
     Fut: Future<Output = Result<T, E>> + Send + 'static,
 {
     fn make(self) -> Work<T, E> {
-        Work::ReturnsResult(Box::pin((self.0)()))
+        Work::ReturnsResult(Box::pin(Some((self.0)())))
     }
 }
 
@@ -52,6 +73,6 @@ where
     Fut: Future<Output = T> + Send + 'static,
 {
     fn make(self) -> Work<T, Infallible> {
-        Work::ReturnsValue(Box::pin((self.0)()))
+        Work::ReturnsValue(Box::pin(Some((self.0)())))
     }
 }
