@@ -95,6 +95,7 @@ impl<K, T> Entry<K, T> {
 }
 
 impl<K: Eq, T> PartialEq for Entry<K, T> {
+    #[inline]
     fn eq(&self, other: &Self) -> bool {
         // Different hashes are different keys: `K::eq` runs only on a match.
         self.hash == other.hash && self.key == other.key
@@ -104,6 +105,7 @@ impl<K: Eq, T> PartialEq for Entry<K, T> {
 impl<K: Eq, T> Eq for Entry<K, T> {}
 
 impl<K, T> Hash for Entry<K, T> {
+    #[inline]
     fn hash<H: Hasher>(&self, state: &mut H) {
         state.write_u64(spread(self.hash));
     }
@@ -141,28 +143,34 @@ pub(crate) trait Lookup<Q: ?Sized> {
 }
 
 impl<K: Borrow<Q>, T, Q: ?Sized> Lookup<Q> for Entry<K, T> {
+    #[inline]
     fn hash(&self) -> u32 {
         self.hash
     }
 
+    #[inline]
     fn key(&self) -> Option<&Q> {
         Some(self.key.borrow())
     }
 
+    #[inline]
     fn flight(&self) -> Option<NonZeroU32> {
         self.flight.get()
     }
 }
 
 impl<K: Borrow<Q>, Q: ?Sized> Lookup<Q> for Hashed<K> {
+    #[inline]
     fn hash(&self) -> u32 {
         self.hash
     }
 
+    #[inline]
     fn key(&self) -> Option<&Q> {
         Some(self.key.borrow())
     }
 
+    #[inline]
     fn flight(&self) -> Option<NonZeroU32> {
         None
     }
@@ -175,14 +183,17 @@ pub(crate) struct Probe<'q, Q: ?Sized> {
 }
 
 impl<Q: ?Sized> Lookup<Q> for Probe<'_, Q> {
+    #[inline]
     fn hash(&self) -> u32 {
         self.hash
     }
 
+    #[inline]
     fn key(&self) -> Option<&Q> {
         Some(self.key)
     }
 
+    #[inline]
     fn flight(&self) -> Option<NonZeroU32> {
         None
     }
@@ -197,20 +208,24 @@ pub(crate) struct ByMark {
 }
 
 impl<Q: ?Sized> Lookup<Q> for ByMark {
+    #[inline]
     fn hash(&self) -> u32 {
         self.hash
     }
 
+    #[inline]
     fn key(&self) -> Option<&Q> {
         None
     }
 
+    #[inline]
     fn flight(&self) -> Option<NonZeroU32> {
         Some(self.flight)
     }
 }
 
 impl<Q: ?Sized + Eq> PartialEq for dyn Lookup<Q> + '_ {
+    #[inline]
     fn eq(&self, other: &Self) -> bool {
         if self.hash() != other.hash() {
             return false;
@@ -226,12 +241,14 @@ impl<Q: ?Sized + Eq> PartialEq for dyn Lookup<Q> + '_ {
 impl<Q: ?Sized + Eq> Eq for dyn Lookup<Q> + '_ {}
 
 impl<Q: ?Sized> Hash for dyn Lookup<Q> + '_ {
+    #[inline]
     fn hash<H: Hasher>(&self, state: &mut H) {
         state.write_u64(spread(Lookup::hash(self)));
     }
 }
 
 impl<'a, K: Borrow<Q> + 'a, T: 'a, Q: ?Sized + 'a> Borrow<dyn Lookup<Q> + 'a> for Entry<K, T> {
+    #[inline]
     fn borrow(&self) -> &(dyn Lookup<Q> + 'a) {
         self
     }
