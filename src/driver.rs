@@ -168,21 +168,15 @@ where
 fn poll<T, E>(work: Work<T, E>, cx: &mut Context<'_>) -> Polled<T, E> {
     // Taken apart first: the box stays in registers (a `Work` kept in memory
     // is written a word at a time, then copied whole when it moves on: a
-    // failed store forward).
+    // failed store forward). A finished future is dropped by its own poll.
     match work {
         Work::ReturnsValue(mut future) => match future.as_mut().poll(cx) {
             Poll::Pending => Polled::Pending(Work::ReturnsValue(future)),
-            Poll::Ready(value) => {
-                future.as_mut().clear();
-                Polled::Ready(Ok(value), Work::ReturnsValue(future))
-            }
+            Poll::Ready(value) => Polled::Ready(Ok(value), Work::ReturnsValue(future)),
         },
         Work::ReturnsResult(mut future) => match future.as_mut().poll(cx) {
             Poll::Pending => Polled::Pending(Work::ReturnsResult(future)),
-            Poll::Ready(result) => {
-                future.as_mut().clear();
-                Polled::Ready(result, Work::ReturnsResult(future))
-            }
+            Poll::Ready(result) => Polled::Ready(result, Work::ReturnsResult(future)),
         },
     }
 }

@@ -11,7 +11,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 
 /// The future a flight's driver polls.
 pub(crate) enum Work<T, E> {
@@ -22,27 +22,26 @@ pub(crate) enum Work<T, E> {
     ReturnsValue(Pin<Box<dyn Runnable<T>>>),
 }
 
-/// A user's future in a place it can be dropped from early: `Option<Fut>`.
+/// A user's future in a place it is dropped from as soon as it finishes:
+/// `Option<Fut>`.
 pub(crate) trait Runnable<O>: Send {
-    /// Polls the future.
+    /// Polls the future; once it is ready, drops it, keeping its place.
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<O>;
-    /// Drops the future, keeping its place.
-    fn clear(self: Pin<&mut Self>);
 }
 
 impl<Fut> Runnable<Fut::Output> for Option<Fut>
 where
     Fut: Future + Send,
 {
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Fut::Output> {
-        let future = self.as_pin_mut();
-        future
-            .expect("a flight's work is polled until it finishes, not after")
-            .poll(cx)
-    }
-
-    fn clear(mut self: Pin<&mut Self>) {
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Fut::Output> {
+        let future = self.as_mut().as_pin_mut();
+        let output = ready!(
+            future
+                .expect("a flight's work is polled until it finishes, not after")
+                .poll(cx)
+        );
         self.set(None);
+        Poll::Ready(output)
     }
 }
 
