@@ -10,7 +10,7 @@
 //! what would be padding, sits the key's flight mark, so an entry with a
 //! `u64` key and value is 32 bytes (a bare map's is 24).
 //!
-//! Lookups go through `dyn Lookup<Q>`: a [`StoredKey<K>`] borrows as it, so
+//! Lookups go through `dyn Lookup<Q>`: a [`Entry<K, T>`](Entry) borrows as it, so
 //! a `&Q` (or an owned key) and its hash find an entry without building one.
 
 use std::borrow::Borrow;

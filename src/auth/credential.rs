@@ -2,19 +2,17 @@
 //! it. A manager of one credential is the manager whose only key is `()`:
 //! its methods are these.
 
-use std::convert::Infallible;
 use std::fmt;
-use std::future::Future;
 use std::hash::Hash;
 use std::time::Instant;
 
 use super::coord::{CoordError, Generation};
-use super::fleet::Store;
-use super::refresh::{Core, refresh};
-use super::retry::{Attempt, Exchange, Exchanged, exchange};
+use super::fleet_store::Store;
+use super::refresh::Core;
 use super::session::{Fleet, Session, SessionRef, count};
 use super::wait::{self, Wait};
-use super::{AuthError, AuthStats, RefreshError, TokenManager, Unauthorized};
+use super::work::refresh;
+use super::{AuthError, AuthStats, RefreshError, TokenManager};
 use crate::block_on::block_on;
 use crate::sync::Arc;
 use crate::{Epoch, Versioned};
@@ -155,55 +153,6 @@ where
     /// As [`TokenManager::token_blocking`].
     pub fn refresh_if_current_blocking(&self, seen: Epoch) -> Got<T, E> {
         wait::blocking(self.refresh_in(seen, Wait::Blocking))
-    }
-
-    /// Sends a request with this key's token and retries it once after a
-    /// refresh if the response is unauthorized. See [`TokenManager::send`].
-    ///
-    /// # Errors
-    ///
-    /// As [`token`](Self::token) and
-    /// [`refresh_if_current`](Self::refresh_if_current). Transport errors are
-    /// `f`'s own output, returned as is.
-    ///
-    /// # Cancel safety
-    ///
-    /// As [`TokenManager::send`].
-    ///
-    /// # Panics
-    ///
-    /// As [`TokenManager::token`].
-    pub async fn send<F, Fut, R>(&self, f: F) -> Result<R, AuthError<E>>
-    where
-        F: FnMut(T) -> Fut,
-        Fut: Future<Output = R>,
-        R: Unauthorized,
-    {
-        let sent = exchange(self, &mut AsyncCall(f), Wait::Async).await?;
-        Ok(answer(sent))
-    }
-
-    /// Blocking [`send`](Self::send), for blocking HTTP clients.
-    ///
-    /// # Blocking
-    ///
-    /// Blocks the current thread for `f` and for any refresh; see
-    /// [`TokenManager::token_blocking`].
-    ///
-    /// # Errors
-    ///
-    /// As [`send`](Self::send).
-    ///
-    /// # Panics
-    ///
-    /// As [`TokenManager::token_blocking`].
-    pub fn send_blocking<F, R>(&self, f: F) -> Result<R, AuthError<E>>
-    where
-        F: FnMut(T) -> R,
-        R: Unauthorized,
-    {
-        let sent = wait::blocking(exchange(self, &mut BlockingCall(f), Wait::Blocking))?;
-        Ok(answer(sent))
     }
 
     /// Stores `token` as this key's current one (after a login) and returns
@@ -586,56 +535,6 @@ struct AheadClaim<'a, E> {
 impl<E> Drop for AheadClaim<'_, E> {
     fn drop(&mut self) {
         self.session.release_ahead(self.epoch);
-    }
-}
-
-/// `send`'s answer: the response, whichever attempt gave it.
-fn answer<R, E>(sent: Exchanged<R, Infallible, E>) -> R {
-    let (Exchanged::Answered(Ok(response))
-    | Exchanged::RefusedTwice(Ok(response))
-    | Exchanged::NotReplayable(Ok(response), _)) = sent;
-    response
-}
-
-/// `send`'s request: the user's function, called once per attempt.
-struct AsyncCall<F>(F);
-
-impl<T, F, Fut, R> Exchange<T> for AsyncCall<F>
-where
-    F: FnMut(T) -> Fut,
-    Fut: Future<Output = R>,
-    R: Unauthorized,
-{
-    type Response = R;
-    type Error = Infallible;
-
-    fn send(&mut self, token: T, _: Attempt) -> impl Future<Output = Result<R, Infallible>> {
-        let response = (self.0)(token);
-        async move { Ok(response.await) }
-    }
-
-    fn is_unauthorized(&self, sent: &Result<R, Infallible>) -> bool {
-        matches!(sent, Ok(response) if response.is_unauthorized())
-    }
-}
-
-/// `send_blocking`'s request.
-struct BlockingCall<F>(F);
-
-impl<T, F, R> Exchange<T> for BlockingCall<F>
-where
-    F: FnMut(T) -> R,
-    R: Unauthorized,
-{
-    type Response = R;
-    type Error = Infallible;
-
-    fn send(&mut self, token: T, _: Attempt) -> impl Future<Output = Result<R, Infallible>> {
-        std::future::ready(Ok((self.0)(token)))
-    }
-
-    fn is_unauthorized(&self, sent: &Result<R, Infallible>) -> bool {
-        matches!(sent, Ok(response) if response.is_unauthorized())
     }
 }
 

@@ -38,7 +38,7 @@ type SelectFn<K> = dyn Fn(&request::Parts) -> K + Send + Sync;
 /// 2. attaches the token (by default with [`Credential`]: `Authorization:
 ///    Bearer <token>`, or nothing for `T = ()`; or with your function, see
 ///    [`with_attach`](Self::with_attach)) and calls the inner service;
-/// 3. if the response is unauthorized (by default [`classify`]: a `401` that
+/// 3. if the response is unauthorized (by default [`classify()`]: a `401` that
 ///    blames the token, never a `403` or an `insufficient_scope`; see
 ///    [`with_classifier`](Self::with_classifier)), drops it, calls
 ///    [`TokenManager::refresh_if_current`] with the epoch of the token it
@@ -293,7 +293,7 @@ impl<T, E, R, K> AuthLayer<T, E, R, K> {
     }
 
     /// Replaces the test for "unauthorized: refresh and send again", by
-    /// default [`classify`]. It gets the head of each response.
+    /// default [`classify()`]. It gets the head of each response.
     ///
     /// # Examples
     ///
@@ -358,7 +358,7 @@ impl<S, T, E, R: Clone, K> Layer<S> for AuthLayer<T, E, R, K> {
 /// A reservation of the inner service (a `ConcurrencyLimit` permit, a
 /// `Buffer` slot) is therefore never held while a request waits for a
 /// refresh, which may itself need one (a refresher sending through the same
-/// stack with [`SkipAuth`](super::SkipAuth)). The cost: the inner service's
+/// stack with [`SkipAuth`]). The cost: the inner service's
 /// backpressure shows in the response future, not in this `poll_ready`. The
 /// inner service must be [`Clone`] (hyper-util's client and
 /// `tower::buffer::Buffer` are).

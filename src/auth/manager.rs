@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use super::coord::{Coordinator, SharedCredential};
 use super::credential::ForKey;
-use super::fleet::Coord;
+use super::fleet_store::Coord;
 use super::refresh::{Core, Expiry, Refresher};
 use super::session::{Session, Sessions};
 use super::{AuthError, RefreshError, Unauthorized};

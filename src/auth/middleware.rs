@@ -32,7 +32,7 @@ type SelectFn<K> = dyn Fn(&Request, &Extensions) -> K + Send + Sync;
 ///    Bearer <token>`, or nothing for `T = ()`, where the client's cookie
 ///    store carries the credential; or with your function, see
 ///    [`with_attach`](Self::with_attach)) and runs the rest of the chain;
-/// 3. if the response is unauthorized (by default [`classify`]: a `401` that
+/// 3. if the response is unauthorized (by default [`classify()`]: a `401` that
 ///    blames the token, never a `403` or an `insufficient_scope`; see
 ///    [`with_classifier`](Self::with_classifier)), drops it, calls
 ///    [`TokenManager::refresh_if_current`] with the epoch of the token it
@@ -266,7 +266,7 @@ impl<T, E, K> AuthMiddleware<T, E, K> {
     }
 
     /// Replaces the test for "unauthorized: refresh and send again", by
-    /// default [`classify`].
+    /// default [`classify()`].
     ///
     /// # Examples
     ///
@@ -383,7 +383,7 @@ impl<T, E, K> Exchange<T> for Attempts<'_, '_, T, E, K> {
     }
 }
 
-/// A [`reqwest::Response`] is unauthorized when [`classify`] says
+/// A [`reqwest::Response`] is unauthorized when [`classify()`] says
 /// [`Refresh`](super::Verdict::Refresh): a `401` that blames the token, not a
 /// `403` nor an `insufficient_scope` `401`. With the blanket impl for
 /// `Result`, `reqwest::Result<Response>` and

@@ -68,11 +68,14 @@ pub mod coord;
 mod credential;
 mod error;
 mod fleet;
+mod fleet_store;
 mod manager;
 mod refresh;
 mod retry;
+mod send;
 mod session;
 mod wait;
+mod work;
 
 #[cfg(feature = "http")]
 mod classify;

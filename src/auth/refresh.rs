@@ -1,12 +1,12 @@
-//! The refresh: the one place where the refresher is called, and where its
-//! result changes a session.
+//! The refresh: the one place where the refresher is called ([`Core`]),
+//! and where its result changes a session.
 //!
 //! Every refresh of every credential, reactive, ahead of expiry or the first
-//! fetch, async or blocking, is [`refresh`] running as a flight's work: it
-//! runs exactly once per flight, even when handed to another caller, so its
-//! effects happen once.
+//! fetch, async or blocking, runs as a flight's work (`work.rs`): exactly
+//! once per flight, even when handed to another caller, so its effects
+//! happen once.
 //!
-//! With a coordinator, the flight's work is [`fleet::refresh`](super::fleet::refresh)
+//! With a coordinator, that work is [`fleet::refresh`](super::fleet::refresh)
 //! instead of a plain call to the refresher: it claims the shared
 //! generation, adopts a newer one instead of refreshing, or refreshes and
 //! commits. Only this work talks to the store: local callers join the
@@ -20,11 +20,10 @@ use std::pin::Pin;
 use std::time::Instant;
 
 use super::coord::Generation;
-use super::fleet::{self, Coord};
+use super::fleet_store::Coord;
 use super::session::{Counters, Fleet, Session, count};
-use super::wait::{RefreshPolls, Wait};
 use super::{AuthError, RefreshError, RefreshEvent};
-use crate::sync::{Arc, AtomicBool, Mutex, Ordering};
+use crate::sync::{AtomicBool, Mutex, Ordering};
 use crate::{Epoch, SingleFlight};
 
 pub(super) type RefreshResult<T, E> = Result<T, RefreshError<E>>;
@@ -107,64 +106,6 @@ impl<T, E, K> Core<T, E, K> {
             hook_panicked: AtomicBool::new(false),
         }
     }
-}
-
-/// A flight's work: one call to the refresher for `key` (with a coordinator,
-/// the claim, refresh, commit of [`fleet::refresh`]), and what its result
-/// means for the key's session. `wait` says how its store calls wait.
-pub(super) fn refresh<T, E, K>(
-    core: Arc<Core<T, E, K>>,
-    session: Arc<Session<E>>,
-    key: K,
-    seen: Epoch,
-    wait: Wait,
-) -> impl Future<Output = Result<T, AuthError<E>>> + Send + 'static
-where
-    T: Clone + Send + Sync + 'static,
-    E: Clone + Send + Sync + 'static,
-    K: Hash + Eq + Clone + Send + Sync + 'static,
-{
-    let watched = session.clone();
-    RefreshPolls::new(watched, async move {
-        // Decided under the session lock, which orders this with `sign_in`,
-        // `sign_out` and the recording of earlier results.
-        let decided = session.locked(|session| {
-            if session.is_signed_out() {
-                // Signed out after this call was admitted: no network call.
-                return Err(AuthError::SignedOut);
-            }
-            // Checked again here: a caller admitted just before a transient
-            // failure was recorded must not make a new attempt inside the
-            // cool-down.
-            let cooling = session.cooling(core.cooldown).cloned();
-            let shared = (session.generation(), session.fleet());
-            Ok((core.flights.current(&key), cooling, shared))
-        });
-        let (stale, cooling, (generation, fleet)) = decided?;
-        let base = stale.as_ref().map_or(Epoch::NONE, |s| s.epoch);
-        if base > seen {
-            // `sign_in` stored a newer token after this refresh was asked
-            // for. Refreshing now would rotate the new session's refresh
-            // token.
-            return Ok(stale.expect("a newer epoch has a value").value);
-        }
-        if let Some(failure) = cooling {
-            count(|c| &c.cooled_down, &session.counters, &core.counters);
-            return Err(AuthError::Refresh(failure));
-        }
-        let stale = stale.map(|s| s.value);
-        if core.coord.is_some() {
-            let shared = fleet::Shared {
-                generation,
-                fleet,
-                wait,
-            };
-            return fleet::refresh(&core, &session, key, base, stale, shared).await;
-        }
-        let result = core.call_refresher(&session, &key, stale).await;
-        core.record(&session, &key, base, &result, None);
-        result.map_err(AuthError::Refresh)
-    })
 }
 
 impl<T, E, K: Clone> Core<T, E, K> {

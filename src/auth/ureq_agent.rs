@@ -68,7 +68,7 @@ pub const DEFAULT_REPLAY_LIMIT: usize = 1 << 20;
 /// that a new token will not fix (it is then refreshed and replayed once in
 /// vain), and the answer can carry no [`NotReplayed`](super::NotReplayed) note. Turn it off
 /// (`.http_status_as_error(false)` on the config) to classify `401`s by
-/// their `WWW-Authenticate` challenge ([`classify`], or
+/// their `WWW-Authenticate` challenge ([`classify()`], or
 /// [`with_classifier`](Self::with_classifier)) and to find the notes in the
 /// response's extensions.
 ///
@@ -224,7 +224,7 @@ impl<T, E, K> UreqAuthMiddleware<T, E, K> {
     }
 
     /// Replaces the test for "unauthorized: refresh and send again" of a
-    /// response, by default [`classify`]. (An error `StatusCode(401)` always
+    /// response, by default [`classify()`]. (An error `StatusCode(401)` always
     /// counts as unauthorized: see [Which answers are
     /// unauthorized](Self#which-answers-are-unauthorized).)
     pub fn with_classifier<F>(mut self, classifier: F) -> Self

@@ -4,7 +4,7 @@
 //! (`token_blocking`, `send_blocking`, the ureq middleware, …) runs that same
 //! routine with [`Wait::Blocking`]: its waits on a refresh use the core's
 //! blocking calls (so the core knows a thread, not a task, is waiting), its
-//! user calls are plain function calls, and [`blocking`] drives the whole
+//! user calls are plain function calls, and [`blocking()`] drives the whole
 //! routine on the current thread. One routine, two ways to wait, as
 //! async-lock's `lock_blocking` is `lock().wait()`.
 //!
