@@ -11,7 +11,7 @@ use std::task::{Context, Poll, ready};
 
 use crate::block_on::block_on;
 use crate::driver::Driver;
-use crate::epoch::{Outcome, Role, Stamp, Versioned};
+use crate::epoch::{Outcome, Role, Versioned};
 use crate::flight::Finished;
 use crate::follower::{Followed, Follower};
 use crate::registry::{Entered, Mode, Registry};
@@ -78,8 +78,9 @@ where
         }
         // The result comes back in registers (no tag, no padding) and the
         // role beside it; the `Outcome` is built here, in the caller's poll.
-        let mut role = Role::Led;
+        let mut role = None;
         let finished = ready!(self.poll_flight(make, cx, &mut role));
+        let role = role.expect("poll_flight says how the caller got a result it returns");
         Poll::Ready(with_role(finished, role))
     }
 
@@ -89,7 +90,7 @@ where
         &mut self,
         make: &mut Option<W>,
         cx: &mut Context<'_>,
-        role: &mut Role,
+        role: &mut Option<Role>,
     ) -> Poll<Finished<T, E>> {
         loop {
             // Every state is polled in place. After a panic in user code the
@@ -105,20 +106,20 @@ where
                     } else {
                         ready!(driver.poll_work(cx))
                     };
-                    *role = driver.role();
+                    *role = Some(driver.role());
                     *self = CallState::Done;
                     return Poll::Ready(finished);
                 }
                 CallState::Following(follower) => match ready!(follower.poll(cx)) {
                     Followed::Done(result) => {
                         *self = CallState::Done;
-                        *role = Role::Joined;
+                        *role = Some(Role::Joined);
                         return Poll::Ready(result);
                     }
                     Followed::Reused(stored) => {
                         *self = CallState::Done;
-                        *role = Role::Reused;
-                        return Poll::Ready(Ok((stored.value, Stamp::from(stored.epoch))));
+                        *role = Some(Role::Reused);
+                        return Poll::Ready(Ok((stored.value, stored.stamp)));
                     }
                     // A promoted driver's work is made on the next turn.
                     Followed::Drive(driver) => *self = CallState::Driving(driver),
@@ -141,7 +142,7 @@ where
         };
         match block_on(poll_fn(|cx| follower.poll(cx))) {
             Followed::Done(result) => with_role(result, Role::Joined),
-            Followed::Reused(stored) => Ok(reused(stored)),
+            Followed::Reused(stored) => Ok(reused(stored.into())),
             Followed::Drive(driver) if driver.is_unstarted() => {
                 with_role(driver.run_blocking(f), Role::Led)
             }

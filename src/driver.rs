@@ -133,6 +133,8 @@ where
             }
             Polled::Ready(result, emptied) => {
                 let finished = self.finish(result);
+                // It holds `None` (the future was dropped by its last poll):
+                // freeing it runs no user code; see `work.rs` for why now.
                 drop(emptied);
                 Poll::Ready(finished)
             }
@@ -168,7 +170,7 @@ where
 fn poll<T, E>(work: Work<T, E>, cx: &mut Context<'_>) -> Polled<T, E> {
     // Taken apart first: the box stays in registers (a `Work` kept in memory
     // is written a word at a time, then copied whole when it moves on: a
-    // failed store forward). A finished future is dropped by its own poll.
+    // failed store forward). The box's poll drops a finished future.
     match work {
         Work::ReturnsValue(mut future) => match future.as_mut().poll(cx) {
             Poll::Pending => Polled::Pending(Work::ReturnsValue(future)),

@@ -98,17 +98,6 @@ impl<T> From<Stamped<T>> for Versioned<T> {
     }
 }
 
-impl From<Epoch> for Stamp {
-    /// An issued epoch's stamp.
-    ///
-    /// # Panics
-    ///
-    /// If `epoch` is [`Epoch::NONE`], which no value is stamped with.
-    fn from(epoch: Epoch) -> Self {
-        Stamp::issued(epoch.0)
-    }
-}
-
 impl From<Stamp> for Epoch {
     fn from(stamp: Stamp) -> Self {
         Epoch(stamp.0.get())

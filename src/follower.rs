@@ -6,7 +6,7 @@
 use std::task::{Context, Poll};
 
 use crate::driver::Driver;
-use crate::epoch::Versioned;
+use crate::epoch::Stamped;
 use crate::flight::{Finished, Flight, FlightId, Step, WaitKind};
 use crate::registry::{Mode, Registry};
 use crate::sync::{Arc, StdArc};
@@ -29,7 +29,7 @@ pub(crate) enum Followed<'a, K, T, E, S> {
     /// The flight's result.
     Done(Finished<T, E>),
     /// It was promoted, but a stored value answers its call now.
-    Reused(Versioned<T>),
+    Reused(Stamped<T>),
     /// It drives the flight now: the work handed on, or its own closure.
     Drive(Driver<'a, K, T, E, S>),
 }

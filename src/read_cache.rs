@@ -152,7 +152,8 @@ impl<K, T> ReadCache<K, T> {
     }
 }
 
-/// Records a miss in `slot` (out of line: the hit is the path to keep short).
+/// Records a miss in `slot` (out of line: the hit is the path to keep short;
+/// not `#[cold]`, since scrambled readers miss on every read).
 #[inline(never)]
 fn missed<K, T>(slot: &mut Slot<K, T>, hash: impl FnOnce() -> u32) -> Miss {
     let hash = hash();

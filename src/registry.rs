@@ -323,9 +323,8 @@ where
             return match self.enter_run(key, kind) {
                 (id, None) => Entered::Lead(id),
                 (id, Some(flight)) => {
-                    // As `enter_locked` decided (a blocking self-join panicked there).
-                    let nested = flight::is_driving(self.address(), id);
-                    Entered::Join(id, flight, if nested { WaitKind::Nested } else { kind })
+                    let kind = self.join_kind(id, kind);
+                    Entered::Join(id, flight, kind.expect("a blocking self-join panicked"))
                 }
             };
         }
@@ -346,12 +345,23 @@ where
         }
     }
 
+    /// How a caller of `kind` joins flight `id`: as `Nested` if this thread
+    /// is running that flight's work (the call comes from inside it); `None`
+    /// if it would block waiting for itself. `enter` asks it twice for a
+    /// `run` (see `enter_run`); being thread-local, the answer is the same.
+    fn join_kind(&self, id: FlightId, kind: WaitKind) -> Option<WaitKind> {
+        if !flight::is_driving(self.address(), id) {
+            return Some(kind);
+        }
+        (kind != WaitKind::Blocking).then_some(WaitKind::Nested)
+    }
+
     /// [`enter`](Self::enter) for a `run`: the flight it leads, or the one
     /// it joins. Sixteen bytes, returned in registers: an `Entered` returned
     /// through memory is read back with loads wider than its stores.
     #[inline(never)]
     fn enter_run(&self, key: K, kind: WaitKind) -> (FlightId, Option<Arc<Flight<T, E>>>) {
-        match self.enter_locked(key, Mode::Run, kind, None, false) {
+        match self.register(key, Mode::Run, kind, None, false) {
             Entered::Lead(id) => (id, None),
             Entered::Join(id, flight, _) => (id, Some(flight)),
             Entered::Reused(_) => unreachable!("`run` reuses no stored value"),
@@ -359,7 +369,7 @@ where
     }
 
     /// [`enter`](Self::enter) through the map, for a call a stored value may
-    /// answer.
+    /// answer: [`register`](Self::register), kept out of line.
     #[inline(never)]
     fn enter_map(
         &self,
@@ -369,13 +379,15 @@ where
         hashed: Option<u32>,
         fill: bool,
     ) -> Entered<T, E> {
-        self.enter_locked(key, mode, kind, hashed, fill)
+        self.register(key, mode, kind, hashed, fill)
     }
 
-    /// Registers a caller with the map: `hashed` is the key's hash if known;
-    /// `fill` fills this thread's read slot with a reused value.
+    /// Registers a caller with the map (taking its lock): `hashed` is the
+    /// key's hash if known; `fill` fills this thread's read slot with a
+    /// reused value. Inline in `enter_run` and `enter_map`, each of which
+    /// returns what it decides in its own shape.
     #[inline(always)]
-    fn enter_locked(
+    fn register(
         &self,
         key: K,
         mode: Mode,
@@ -387,6 +399,10 @@ where
             hash: hashed.unwrap_or_else(|| self.hash(&key)),
             key,
         };
+        // Declared before the guard: if a clone made under the lock panics,
+        // the copies made before it are dropped once the lock is released
+        // (I8: no `T::drop` under a lock).
+        let (mut reused, mut copy) = (None, None);
         let mut map = self.map.lock();
         let Map {
             entries,
@@ -397,16 +413,21 @@ where
         let entry = entries.get(lookup::<K, _>(&key));
         let flight = entry.and_then(|entry| entry.flight.get());
         if mode != Mode::Run {
-            let reused = entry.and_then(|entry| {
+            if let Some(entry) = entry {
                 entry.value(|stored| {
-                    let stored = stored.filter(|s| mode.reuses(s, flight.is_some()))?;
-                    Some((stored.versioned(), fill.then(|| stored.clone())))
-                })
-            });
-            if let Some((reused, copy)) = reused {
+                    let Some(stored) = stored.filter(|s| mode.reuses(s, flight.is_some())) else {
+                        return;
+                    };
+                    reused = Some(stored.versioned());
+                    if fill {
+                        copy = Some(stored.clone());
+                    }
+                });
+            }
+            if let Some(reused) = reused.take() {
                 let version = self.reads.version();
                 drop(map);
-                if let Some(copy) = copy {
+                if let Some(copy) = copy.take() {
                     self.reads.fill(version, key, Some(copy), flight.is_some());
                 }
                 return Entered::Reused(reused);
@@ -414,18 +435,13 @@ where
         }
         if let Some(flight) = flight {
             let id = marked(flight);
-            let kind = if flight::is_driving(self.address(), id) {
-                if kind == WaitKind::Blocking {
-                    drop(map);
-                    panic!(
-                        "epochflight: a blocking call from inside a flight's work joined that \
-                         same flight: it would wait for itself forever (work must not wait for \
-                         its own key)"
-                    );
-                }
-                WaitKind::Nested
-            } else {
-                kind
+            let Some(kind) = self.join_kind(id, kind) else {
+                drop(map);
+                panic!(
+                    "epochflight: a blocking call from inside a flight's work joined that \
+                     same flight: it would wait for itself forever (work must not wait for \
+                     its own key)"
+                );
             };
             let shared = &mut flights.get_mut(id).shared;
             let shared = shared.get_or_insert_with(|| Arc::new(Flight::new()));
@@ -471,13 +487,21 @@ where
             Err(miss) => (miss.hash, miss.fill),
         };
         let probe = Probe { hash, key };
+        // Declared before the guard: if a clone made under the lock panics,
+        // the copies made before it are dropped once the lock is released
+        // (I8: no `T::drop` under a lock).
+        let (mut answered, mut copy) = (None, None);
         let map = self.map.lock();
         let Some(entry) = map.entries.get(lookup(&probe)) else {
             return answer(None);
         };
-        let (answered, copy) =
-            entry.value(|stored| (answer(stored), fill.then(|| stored.cloned())));
-        if let Some(copy) = copy {
+        entry.value(|stored| {
+            answered = Some(answer(stored));
+            if fill {
+                copy = Some(stored.cloned());
+            }
+        });
+        if let Some(copy) = copy.take() {
             let in_flight = entry.flight.get().is_some();
             let key = Hashed {
                 hash,
@@ -487,7 +511,7 @@ where
             drop(map);
             self.reads.fill(version, key, copy, in_flight);
         }
-        answered
+        answered.expect("answered under the lock")
     }
 
     /// Removes `key`'s stored value and cuts its flight loose (`forget`).
@@ -589,6 +613,10 @@ where
     where
         E: Clone,
     {
+        // Declared before the guard: if the clone of the driver's copy
+        // panics, the value it replaced is dropped once the lock is released
+        // (I8).
+        let mut replaced = None;
         let mut map = self.map.lock();
         let stamp = map.next_stamp();
         if map.flights.get(id).shared.is_some() {
@@ -602,7 +630,7 @@ where
             attached,
             shared,
         } = map.flights.remove(id);
-        let (hash, mut replaced) = (key.hash, None);
+        let hash = key.hash;
         let own = match result {
             Ok(value) if attached => {
                 self.reads.changed();
@@ -684,16 +712,12 @@ where
 
     /// For a follower promoted after a panic: the stored value its own call
     /// would reuse now (a `set` may have stored one since it joined; I3).
-    pub(crate) fn reusable(&self, id: FlightId, mode: Mode) -> Option<Versioned<T>> {
+    pub(crate) fn reusable(&self, id: FlightId, mode: Mode) -> Option<Stamped<T>> {
         let map = self.map.lock();
         let key = map.flights.get(id).key();
         let entry = map.entries.get(lookup::<K, _>(key))?;
         // The vacancy is this caller's: no other flight is in progress.
-        entry.value(|stored| {
-            stored
-                .filter(|s| mode.reuses(s, false))
-                .map(Stamped::versioned)
-        })
+        entry.value(|stored| stored.filter(|s| mode.reuses(s, false)).cloned())
     }
 
     /// Returns spare memory: the map shrinks to what it holds.

@@ -71,6 +71,7 @@ pub(crate) fn reader_number() -> usize {
     })
 }
 
+/// Numbers this thread (its first read): out of line, since it runs once.
 #[cfg(not(loom))]
 #[cold]
 fn number_this_thread(number: &std::cell::Cell<usize>) -> usize {

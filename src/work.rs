@@ -2,11 +2,17 @@
 //! already started, to a follower or to the spawner: a polled future cannot
 //! move.
 //!
-//! The future sits in an `Option` in its box, so that a finished one is
-//! dropped in place (its destructor runs before its key is freed, I5) and
-//! the box freed later, once the flight is published: freeing it at once
-//! reads back the word the future's last poll just wrote (the allocator
-//! checks it), a stall on every flight.
+//! # Invariants
+//!
+//! - A box holds `Some(future)` until the future returns `Ready`, then
+//!   `None`; it is never polled again after that.
+//! - The future is dropped by the poll that finished it: in place, on the
+//!   thread marked as driving the flight (a call its destructor makes on the
+//!   key is nested), before the result is published and so before the key
+//!   can start another work (I1).
+//! - The emptied box is freed after the flight is published: freeing it at
+//!   once made the allocator read back the word the future's last poll had
+//!   just written (glibc checks it), a stall on every flight.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -16,20 +22,20 @@ use std::task::{Context, Poll, ready};
 /// The future a flight's driver polls.
 pub(crate) enum Work<T, E> {
     /// From a fallible call (`try_*`).
-    ReturnsResult(Pin<Box<dyn Runnable<Result<T, E>>>>),
-    /// From an infallible call: the user's future boxed as it is, with no
-    /// adapter future around it (one state machine less per flight).
-    ReturnsValue(Pin<Box<dyn Runnable<T>>>),
+    ReturnsResult(Pin<Box<dyn DropsWhenReady<Result<T, E>>>>),
+    /// From an infallible call: the user's future boxed (in its `Option`)
+    /// with no adapter future around it (one state machine less per flight).
+    ReturnsValue(Pin<Box<dyn DropsWhenReady<T>>>),
 }
 
 /// A user's future in a place it is dropped from as soon as it finishes:
 /// `Option<Fut>`.
-pub(crate) trait Runnable<O>: Send {
+pub(crate) trait DropsWhenReady<O>: Send {
     /// Polls the future; once it is ready, drops it, keeping its place.
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<O>;
 }
 
-impl<Fut> Runnable<Fut::Output> for Option<Fut>
+impl<Fut> DropsWhenReady<Fut::Output> for Option<Fut>
 where
     Fut: Future + Send,
 {

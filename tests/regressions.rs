@@ -2,6 +2,9 @@
 //! with the test that failed before its fix: a panicking destructor of
 //! cancelled work, calls into a flight's own key from its closure or its
 //! destructor, and a read slot racing `forget` (checked by loom instead).
+//! Then, from the review of session 5: a `T::clone` panicking under the map
+//! lock after another copy was made dropped that copy with the map locked
+//! (I8); a drop that reads the map hung.
 //! Each test forces its interleaving (gates, polls by hand); those that
 //! would hang run under a short timeout and fail loudly instead.
 
@@ -259,3 +262,129 @@ fn a_blocking_call_from_the_destructor_of_cancelled_work_into_its_own_key_does_n
 // in, so the race is checked by the loom model
 // `loom-tests/tests/reads.rs::a_forget_racing_a_slot_fill_leaves_no_copy`.
 // ---------------------------------------------------------------------------
+
+/// A value whose clone number `panic_at` (counted from 1) panics, and whose
+/// drop, once armed, reads the map it lives in: dropped under the map lock,
+/// that read deadlocks (I8 says no `T::drop` under a lock).
+struct ReadsOnDrop {
+    map: &'static SingleFlight<&'static str, ReadsOnDrop>,
+    clones: Arc<std::sync::atomic::AtomicUsize>,
+    panic_at: usize,
+    armed: Arc<AtomicBool>,
+}
+
+impl Clone for ReadsOnDrop {
+    fn clone(&self) -> Self {
+        let n = self.clones.fetch_add(1, Ordering::SeqCst) + 1;
+        if n == self.panic_at {
+            panic!("T::clone panicked");
+        }
+        ReadsOnDrop {
+            map: self.map,
+            clones: self.clones.clone(),
+            panic_at: self.panic_at,
+            armed: self.armed.clone(),
+        }
+    }
+}
+
+impl Drop for ReadsOnDrop {
+    fn drop(&mut self) {
+        if self.armed.swap(false, Ordering::SeqCst) {
+            // E.g. a token whose drop logs the key's state.
+            let _ = self.map.is_in_flight("k");
+        }
+    }
+}
+
+/// A map and a value in it; the clone `panic_at` (counted from the next one)
+/// panics, and the first copy dropped after arming reads the map.
+fn reads_on_drop(
+    panic_at: usize,
+) -> (
+    &'static SingleFlight<&'static str, ReadsOnDrop>,
+    ReadsOnDrop,
+    Arc<AtomicBool>,
+) {
+    let map: &'static SingleFlight<&'static str, ReadsOnDrop> =
+        Box::leak(Box::new(SingleFlight::new()));
+    let armed = Arc::new(AtomicBool::new(false));
+    let value = ReadsOnDrop {
+        map,
+        clones: Arc::default(),
+        panic_at,
+        armed: armed.clone(),
+    };
+    (map, value, armed)
+}
+
+// Found by the review of session 5 (present before it): with nobody
+// following, a panic in the clone of the driver's own copy unwound out of
+// `complete` with the value it replaced still in a local declared after the
+// map guard, so the old value was dropped with the map locked.
+#[test]
+fn a_panicking_clone_of_the_driver_s_copy_drops_the_replaced_value_unlocked() {
+    let (map, old, armed) = reads_on_drop(1);
+    let (clones, panic_at) = (old.clones.clone(), old.panic_at);
+    map.set("k", old);
+    armed.store(true, Ordering::SeqCst);
+    returns_within("the replaced value's drop", move || {
+        let new = ReadsOnDrop {
+            map,
+            clones,
+            panic_at,
+            armed: Arc::new(AtomicBool::new(false)),
+        };
+        let ran = catch_unwind(AssertUnwindSafe(|| map.run_blocking("k", move || new)));
+        assert!(ran.is_err(), "the clone's panic reaches the driver");
+    });
+    assert!(
+        !armed.load(Ordering::SeqCst),
+        "the replaced value was dropped"
+    );
+}
+
+// The same class in `current`: the answer's copy is made, then the copy for
+// the reader's slot panics; the answer's copy is dropped unlocked.
+#[test]
+fn a_panicking_clone_for_the_read_slot_drops_the_answer_unlocked() {
+    let (map, value, armed) = reads_on_drop(3);
+    map.set("k", value);
+    returns_within("the answer's drop", move || {
+        // The first read misses, copies the answer (clone 1) and records the
+        // key; the second fills the slot: clone 2 is the answer, clone 3 (the
+        // slot's copy) panics.
+        let first = map.current("k").expect("stored");
+        drop(first);
+        armed.store(true, Ordering::SeqCst);
+        let read = catch_unwind(AssertUnwindSafe(|| map.current("k")));
+        assert!(read.is_err(), "the clone's panic reaches the reader");
+        assert!(
+            !armed.load(Ordering::SeqCst),
+            "the answer's copy was dropped"
+        );
+    });
+}
+
+// And in a reuse through the map: the caller's copy is made, then the copy
+// for the reader's slot panics; the caller's copy is dropped unlocked.
+#[test]
+fn a_panicking_clone_for_the_read_slot_drops_the_reused_copy_unlocked() {
+    let (map, value, armed) = reads_on_drop(4);
+    let stale = map.set("k", value.clone()); // clone 1
+    map.set("k", value);
+    returns_within("the reused copy's drop", move || {
+        let reuse = || map.refresh_if_current_blocking("k", stale, || unreachable!("reused"));
+        // The first reuse misses the reader's slot and copies the value for
+        // the caller (clone 2); the second fills the slot: clone 3 is the
+        // caller's copy, clone 4 (the slot's copy) panics.
+        assert_eq!(reuse().role, Role::Reused);
+        armed.store(true, Ordering::SeqCst);
+        let reused = catch_unwind(AssertUnwindSafe(reuse));
+        assert!(reused.is_err(), "the clone's panic reaches the caller");
+        assert!(
+            !armed.load(Ordering::SeqCst),
+            "the caller's copy was dropped"
+        );
+    });
+}
