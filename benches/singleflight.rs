@@ -966,6 +966,12 @@ fn paired(_: &mut Criterion) {
     paired_per_waiter("fanout_1000_parking", parking, &rt, n, (parked, harness));
     let own = "epochflight above harness_parked (its own share)";
     paired_per_waiter("fanout_1000_own", own, &rt, n, (ours, parked));
+    // Issue 12's scaling figure: the same share at ten times the waiters,
+    // paired in the same sitting (`.ci/bench-table` divides the medians).
+    let n = 10_000;
+    let ours = || gated_flights(fanout.clone(), n, false);
+    let harness = || gated_harness(n, false);
+    paired_per_waiter("fanout_10000", above, &rt, n, (ours, harness));
 }
 
 criterion_group! {
