@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
-use common::with_timeout;
+use common::{panic_message, with_timeout, yield_now};
 use epochflight::{Epoch, Role, SingleFlight};
 use futures::executor::block_on;
 use futures::task::noop_waker;
@@ -25,14 +25,6 @@ type Task = Pin<Box<dyn Future<Output = ()> + Send>>;
 fn poll_once<F: Future>(f: Pin<&mut F>) -> Poll<F::Output> {
     let waker = noop_waker();
     f.poll(&mut Context::from_waker(&waker))
-}
-
-fn message(panic: &(dyn std::any::Any + Send)) -> String {
-    panic
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_default()
 }
 
 /// Counts its drops; panics in the first one if `panics`.
@@ -52,17 +44,7 @@ impl Drop for Guard {
 /// A future that is ready at its second poll and holds `Guard` across it.
 async fn ready_on_second_poll(guard: Guard, value: u32) -> u32 {
     let _guard = guard;
-    let mut yielded = false;
-    std::future::poll_fn(|cx| {
-        if yielded {
-            Poll::Ready(())
-        } else {
-            yielded = true;
-            cx.waker().wake_by_ref();
-            Poll::Pending
-        }
-    })
-    .await;
+    yield_now().await;
     value
 }
 
@@ -84,7 +66,7 @@ fn destructor_panicking_after_ready_drops_once_and_promotes_a_follower() {
         assert!(poll_once(follower.as_mut()).is_pending());
         let panicked = catch_unwind(AssertUnwindSafe(|| poll_once(leader.as_mut())));
         assert_eq!(
-            message(&*panicked.expect_err("the destructor's panic reaches the driver")),
+            panic_message(&*panicked.expect_err("the destructor's panic reaches the driver")),
             "finished future's destructor panicked"
         );
         assert_eq!(drops.load(Ordering::SeqCst), 1, "dropped exactly once");
@@ -135,7 +117,7 @@ fn finished_future_destructor_runs_in_flight_unlocked_and_nested() {
                 Ok(o) => format!("nested returned {:?}", o.role),
                 Err(p) => format!(
                     "nested panicked: {}",
-                    message(&*p).contains("wait for itself")
+                    panic_message(&*p).contains("wait for itself")
                 ),
             });
         }

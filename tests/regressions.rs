@@ -19,6 +19,7 @@ use std::sync::mpsc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use common::panic_message;
 use epochflight::{Role, SingleFlight};
 use futures::task::noop_waker;
 
@@ -43,14 +44,6 @@ fn returns_within<R: Send + 'static>(what: &str, body: impl FnOnce() -> R + Send
         Ok(Err(panic)) => std::panic::resume_unwind(panic),
         Err(_) => panic!("HANG: {what} did not return within {HANG:?}"),
     }
-}
-
-fn message(panic: &(dyn std::any::Any + Send)) -> String {
-    panic
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_default()
 }
 
 // ---------------------------------------------------------------------------
@@ -95,7 +88,7 @@ fn a_panicking_destructor_of_cancelled_work_does_not_wedge_the_key() {
     // that drop panics. The panic reaches the canceller, as it should.
     let dropped = catch_unwind(AssertUnwindSafe(|| drop(leader)));
     assert_eq!(
-        message(&*dropped.expect_err("the drop panicked")),
+        panic_message(&*dropped.expect_err("the drop panicked")),
         "the work's destructor panicked"
     );
 
@@ -177,7 +170,7 @@ fn a_blocking_call_from_an_async_leader_s_closure_into_its_own_key_panics() {
                     }))
                 }))
                 .map(|outcome| outcome.value)
-                .map_err(|panic| message(&*panic))
+                .map_err(|panic| panic_message(&*panic))
             }
         },
     );
@@ -242,7 +235,7 @@ fn a_blocking_call_from_the_destructor_of_cancelled_work_into_its_own_key_does_n
             assert!(poll_once(leader.as_mut()).is_pending());
             // The lone leader is cancelled: the work is dropped, its destructor
             // calls into the key while the flight is still there.
-            catch_unwind(AssertUnwindSafe(|| drop(leader))).map_err(|panic| message(&*panic))
+            catch_unwind(AssertUnwindSafe(|| drop(leader))).map_err(|panic| panic_message(&*panic))
         },
     );
     // Either the nested blocking call panics ("wait for itself"), as it does
