@@ -12,6 +12,10 @@
 //! key's entry by the flight's mark, running no user code at all (it may
 //! happen in a drop, during a panic).
 //!
+//! A `T` copied or taken out under the lock lives in a local declared
+//! *before* the guard: if a later clone under the lock panics, unwinding
+//! drops the guard first, so no `T::drop` runs locked (I8).
+//!
 //! The map is a set of [`Entry`]s, one per key that has a stored value or a
 //! flight in progress: the key's hash, the mark of its flight, the key, and
 //! the value with its epoch (32 bytes for a `u64` key and value). One probe
@@ -399,9 +403,7 @@ where
             hash: hashed.unwrap_or_else(|| self.hash(&key)),
             key,
         };
-        // Declared before the guard: if a clone made under the lock panics,
-        // the copies made before it are dropped once the lock is released
-        // (I8: no `T::drop` under a lock).
+        // Before the guard (I8; see the module docs).
         let (mut reused, mut copy) = (None, None);
         let mut map = self.map.lock();
         let Map {
@@ -487,9 +489,7 @@ where
             Err(miss) => (miss.hash, miss.fill),
         };
         let probe = Probe { hash, key };
-        // Declared before the guard: if a clone made under the lock panics,
-        // the copies made before it are dropped once the lock is released
-        // (I8: no `T::drop` under a lock).
+        // Before the guard (I8; see the module docs).
         let (mut answered, mut copy) = (None, None);
         let map = self.map.lock();
         let Some(entry) = map.entries.get(lookup(&probe)) else {
@@ -613,9 +613,7 @@ where
     where
         E: Clone,
     {
-        // Declared before the guard: if the clone of the driver's copy
-        // panics, the value it replaced is dropped once the lock is released
-        // (I8).
+        // Before the guard (I8; see the module docs).
         let mut replaced = None;
         let mut map = self.map.lock();
         let stamp = map.next_stamp();
